@@ -1,0 +1,136 @@
+//! Client authentication: turns a request's credentials into an [`Identity`].
+//!
+//! Exactly one method per request: JWT when `Authorization` is present, HMAC when
+//! `X-Signature` is. This module decides which and checks the product permission; the
+//! methods themselves live in [`jwt`] and [`hmac`], the replay memory in [`nonce`]. It
+//! never logs or returns a credential.
+
+pub mod hmac;
+pub mod jwt;
+pub mod nonce;
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, header};
+
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// Who a request acts for: the product whose key is used and the user it is limited as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub product: Arc<str>,
+    pub user: Box<str>,
+    /// The HMAC client that signed the request (`None` for JWT).
+    pub client: Option<Arc<str>>,
+}
+
+/// Why a request is not authenticated or not permitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// 401 `missing_credentials`: neither `Authorization` nor `X-Signature`.
+    #[error("missing credentials")]
+    MissingCredentials,
+    /// 401 `ambiguous_credentials`: both methods' credentials.
+    #[error("ambiguous credentials")]
+    AmbiguousCredentials,
+    /// 401 `invalid_token`: malformed, wrong algorithm, unknown `kid`, bad signature or
+    /// claims.
+    #[error("invalid token")]
+    InvalidToken,
+    /// 401 `token_expired`.
+    #[error("token expired")]
+    TokenExpired,
+    /// 401 `invalid_signature`: missing or malformed HMAC headers, unknown client, or a
+    /// signature that does not verify.
+    #[error("invalid signature")]
+    InvalidSignature,
+    /// 401 `timestamp_out_of_range`.
+    #[error("timestamp out of range")]
+    TimestampOutOfRange,
+    /// 401 `replayed_nonce`.
+    #[error("replayed nonce")]
+    ReplayedNonce,
+    /// 403 `product_not_allowed`.
+    #[error("product not allowed")]
+    ProductNotAllowed,
+    /// 503 `nonce_store_full`.
+    #[error("nonce store full")]
+    NonceStoreFull,
+}
+
+impl AuthError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::ProductNotAllowed => 403,
+            Self::NonceStoreFull => 503,
+            _ => 401,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "missing_credentials",
+            Self::AmbiguousCredentials => "ambiguous_credentials",
+            Self::InvalidToken => "invalid_token",
+            Self::TokenExpired => "token_expired",
+            Self::InvalidSignature => "invalid_signature",
+            Self::TimestampOutOfRange => "timestamp_out_of_range",
+            Self::ReplayedNonce => "replayed_nonce",
+            Self::ProductNotAllowed => "product_not_allowed",
+            Self::NonceStoreFull => "nonce_store_full",
+        }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => {
+                "No credentials: send a JWT as Authorization: Bearer, or HMAC signature headers."
+            }
+            Self::AmbiguousCredentials => {
+                "Send either a JWT (Authorization) or an HMAC signature (X-Signature), not both."
+            }
+            Self::InvalidToken => "The token is invalid.",
+            Self::TokenExpired => "The token has expired.",
+            Self::InvalidSignature => "The request signature is invalid.",
+            Self::TimestampOutOfRange => "X-Timestamp is outside the allowed clock skew.",
+            Self::ReplayedNonce => "X-Nonce was already used.",
+            Self::ProductNotAllowed => "This credential may not use that product.",
+            Self::NonceStoreFull => "The replay-protection store is full; retry shortly.",
+        }
+    }
+}
+
+/// Verifies credentials with both methods' settings.
+pub struct Authenticator {
+    jwt: jwt::JwtVerifier,
+    hmac: hmac::HmacVerifier,
+}
+
+impl Authenticator {
+    pub fn new(settings: &Settings, store: Option<Arc<Store>>) -> Self {
+        Self {
+            jwt: jwt::JwtVerifier::new(&settings.jwt, &settings.product_keys),
+            hmac: hmac::HmacVerifier::new(&settings.hmac, &settings.product_keys, store),
+        }
+    }
+
+    /// The identity of a request, or why it has none. `path` is the request path without
+    /// query; `body` the whole request body (empty for `GET`).
+    pub async fn verify(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Identity, AuthError> {
+        let jwt = headers.contains_key(header::AUTHORIZATION);
+        let hmac = headers.contains_key("x-signature");
+        match (jwt, hmac) {
+            (true, true) => Err(AuthError::AmbiguousCredentials),
+            (false, false) => Err(AuthError::MissingCredentials),
+            (true, false) => self.jwt.verify(headers),
+            (false, true) => self.hmac.verify(method, path, headers, body).await,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Replay protection: remembers each client's nonces for their window.

@@ -1,0 +1,247 @@
+//! [`ApiError`]: the contract's table of statuses, types and codes, in one place.
+//!
+//! Every error response the proxy writes goes through [`ApiError::into_response`], so
+//! each one has OpenAI's envelope, the right `x-should-retry` and an [`ErrorCode`]
+//! extension that the request's log line reads. Messages are for clients: useful, never
+//! internal detail, never a secret.
+
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::auth::AuthError;
+use crate::limit::LimitError;
+use crate::upstream::UpstreamError;
+use crate::validate::ValidationError;
+
+/// The `code` of an error response, kept in the response's extensions for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404 `not_found`: no such route.
+    #[error("not found")]
+    NotFound,
+    /// 404 `model_not_found`: `GET /v1/models/{model}` for a model that is not allowed.
+    #[error("model not found")]
+    ModelNotFound,
+    /// 405 `method_not_allowed`, with `Allow`.
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    /// 408 `request_timeout`: the body came slower than `CLIENT_TIMEOUT_SECONDS`.
+    #[error("request timeout")]
+    RequestTimeout,
+    /// 413 `body_too_large`.
+    #[error("body too large")]
+    BodyTooLarge,
+    /// 400 (a client error while reading the body, e.g. a broken chunked encoding).
+    #[error("unreadable body")]
+    UnreadableBody,
+    /// 401, 403 or 503: see [`AuthError`].
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// 400: see [`ValidationError`].
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// 429: see [`LimitError`].
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// 502: see [`UpstreamError`].
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// 500 `internal_error`: a defect. The message holds no detail.
+    #[error("internal error")]
+    Internal,
+}
+
+/// Everything the envelope and headers need, looked up once per error.
+struct Described {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    message: &'static str,
+    param: Option<&'static str>,
+    retry: bool,
+}
+
+const INVALID: &str = "invalid_request_error";
+
+impl ApiError {
+    // One arm per row of the contract's table reads better than helpers split apart.
+    #[allow(clippy::too_many_lines)]
+    fn describe(&self) -> Described {
+        use StatusCode as S;
+        let d = |status, kind, code, message| Described {
+            status,
+            kind,
+            code,
+            message,
+            param: None,
+            retry: false,
+        };
+        match self {
+            Self::NotFound => d(S::NOT_FOUND, INVALID, "not_found", "No such route."),
+            Self::ModelNotFound => d(
+                S::NOT_FOUND,
+                INVALID,
+                "model_not_found",
+                "The model does not exist or is not allowed.",
+            ),
+            Self::MethodNotAllowed { .. } => d(
+                S::METHOD_NOT_ALLOWED,
+                INVALID,
+                "method_not_allowed",
+                "Method not allowed on this route.",
+            ),
+            Self::RequestTimeout => d(
+                S::REQUEST_TIMEOUT,
+                INVALID,
+                "request_timeout",
+                "The request body was not received in time.",
+            ),
+            Self::BodyTooLarge => d(
+                S::PAYLOAD_TOO_LARGE,
+                INVALID,
+                "body_too_large",
+                "The request body is too large.",
+            ),
+            Self::UnreadableBody => d(
+                S::BAD_REQUEST,
+                INVALID,
+                "invalid_body",
+                "The request body could not be read.",
+            ),
+            Self::Auth(e) => {
+                let (status, kind, retry) = match e.status() {
+                    403 => (S::FORBIDDEN, "permission_error", false),
+                    503 => (S::SERVICE_UNAVAILABLE, "server_error", true),
+                    _ => (S::UNAUTHORIZED, "authentication_error", false),
+                };
+                Described {
+                    status,
+                    kind,
+                    code: e.code(),
+                    message: e.message(),
+                    param: None,
+                    retry,
+                }
+            }
+            Self::Validation(e) => Described {
+                status: S::BAD_REQUEST,
+                kind: INVALID,
+                code: e.code(),
+                message: e.message(),
+                param: e.param(),
+                retry: false,
+            },
+            Self::Limit(e) => match e {
+                LimitError::RateLimited { .. } => Described {
+                    status: S::TOO_MANY_REQUESTS,
+                    kind: "rate_limit_error",
+                    code: "rate_limit_exceeded",
+                    message: "Rate limit exceeded: too many requests. Retry after the time in Retry-After.",
+                    param: None,
+                    retry: true,
+                },
+                LimitError::DailyQuotaExceeded { .. } => Described {
+                    status: S::TOO_MANY_REQUESTS,
+                    kind: "rate_limit_error",
+                    code: "daily_quota_exceeded",
+                    message: "Daily request quota exceeded. It resets at 00:00 UTC.",
+                    param: None,
+                    retry: false,
+                },
+            },
+            Self::Upstream(e) => {
+                let (code, message, retry) = match e {
+                    UpstreamError::Unreachable => {
+                        ("upstream_unreachable", "The upstream API could not be reached.", true)
+                    }
+                    UpstreamError::Timeout => ("upstream_timeout", "The upstream API did not answer in time.", false),
+                    UpstreamError::AuthFailed { .. } => (
+                        "upstream_auth_failed",
+                        "The upstream API refused the gateway's credentials.",
+                        false,
+                    ),
+                };
+                d(S::BAD_GATEWAY, "upstream_error", code, message).retry_if(retry)
+            }
+            Self::Internal => d(
+                S::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                "Internal error.",
+            ),
+        }
+    }
+
+    /// The contract's `code` of this error.
+    pub fn code(&self) -> &'static str {
+        self.describe().code
+    }
+}
+
+impl Described {
+    fn retry_if(mut self, retry: bool) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let d = self.describe();
+        let body = envelope(d.message, d.kind, d.code, d.param);
+        let mut response = (d.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if d.retry { "true" } else { "false" }),
+        );
+        match &self {
+            Self::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::Limit(e) => e.write_headers(headers),
+            _ => {}
+        }
+        response.extensions_mut().insert(ErrorCode(d.code));
+        response
+    }
+}
+
+/// `{"error":{"message":…,"type":…,"code":…,"param":…}}`, written without a JSON tree.
+fn envelope(message: &str, kind: &str, code: &str, param: Option<&str>) -> bytes::Bytes {
+    let mut out = BytesMut::with_capacity(128 + message.len());
+    out.put_slice(b"{\"error\":{\"message\":");
+    // The pieces are our own static strings; serde_json still escapes them properly.
+    let _ = serde_json::to_writer((&mut out).writer(), message);
+    out.put_slice(b",\"type\":");
+    let _ = serde_json::to_writer((&mut out).writer(), kind);
+    out.put_slice(b",\"code\":");
+    let _ = serde_json::to_writer((&mut out).writer(), code);
+    out.put_slice(b",\"param\":");
+    let _ = serde_json::to_writer((&mut out).writer(), &param);
+    out.put_slice(b"}}");
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_is_openai_shaped_json() {
+        let body = envelope("Bad \"thing\".", "invalid_request_error", "invalid_json", Some("model"));
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["message"], "Bad \"thing\".");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_json");
+        assert_eq!(v["error"]["param"], "model");
+        let body = envelope("m", "t", "c", None);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert!(v["error"]["param"].is_null());
+    }
+}

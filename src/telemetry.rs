@@ -1,0 +1,236 @@
+//! Logs: the subscriber set-up, request ids, and the one log line per request.
+//!
+//! The line is written when the response body ends (or is dropped), not when the
+//! headers leave, so that a stream cut by the upstream is logged as `upstream_aborted`
+//! and its latency covers the whole stream. Handlers put what they know (identity,
+//! upstream status) into the response's extensions as a [`RequestLog`]; errors put their
+//! [`ErrorCode`]. No body, key, token or signature is ever a field.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::Instant;
+use tracing_subscriber::EnvFilter;
+
+use crate::error::ErrorCode;
+use crate::settings::LogFormat;
+
+/// Sets the global subscriber: `RUST_LOG` filter (default `info`), JSON or text lines on
+/// stdout.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The request's id: the client's when valid, else a new one. Sent upstream and back.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+impl RequestId {
+    /// The client's id when it is 1 to 128 characters of `[A-Za-z0-9._-]`, else a new one.
+    pub fn from_client(value: Option<&HeaderValue>) -> Self {
+        match value {
+            Some(v) if is_valid_request_id(v.as_bytes()) => Self(v.clone()),
+            _ => Self::generate(),
+        }
+    }
+
+    /// A fresh id: a per-process random prefix and a counter, so unique without a lock or
+    /// a random draw per request.
+    pub fn generate() -> Self {
+        static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = PREFIX.get_or_init(|| {
+            let mut bytes = [0u8; 8];
+            aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
+            u64::from_le_bytes(bytes)
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("req_{prefix:016x}{n:012x}");
+        Self(HeaderValue::from_str(&id).expect("hex digits are a valid header value"))
+    }
+}
+
+fn is_valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// What a handler learned about a request, for its log line.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLog {
+    pub product: Option<Arc<str>>,
+    pub user: Option<Box<str>>,
+    pub upstream_status: Option<u16>,
+    pub upstream_request_id: Option<HeaderValue>,
+}
+
+/// Middleware: request id in, request id out, and the log line when the body ends.
+pub async fn middleware(mut request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id = RequestId::from_client(request.headers().get(X_REQUEST_ID));
+    let method = request.method().clone();
+    let path: Box<str> = request.uri().path().into();
+    request.extensions_mut().insert(id.clone());
+
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(X_REQUEST_ID, id.0.clone());
+    let log = response.extensions_mut().remove::<RequestLog>().unwrap_or_default();
+    let error = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    let line = LogLine {
+        start,
+        method,
+        path,
+        status: response.status().as_u16(),
+        id,
+        log,
+        error,
+    };
+    response.map(|body| {
+        Body::new(LoggedBody {
+            inner: body,
+            line: Some(line),
+        })
+    })
+}
+
+struct LogLine {
+    start: Instant,
+    method: Method,
+    path: Box<str>,
+    status: u16,
+    id: RequestId,
+    log: RequestLog,
+    error: Option<&'static str>,
+}
+
+/// How the response body ended.
+#[derive(Clone, Copy)]
+enum End {
+    Complete,
+    /// The upstream failed or went silent after the headers: the client's response was cut.
+    UpstreamAborted,
+    /// The client went away before the end.
+    ClientClosed,
+}
+
+impl LogLine {
+    fn emit(self, end: End) {
+        let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let error = match end {
+            End::UpstreamAborted => Some("upstream_aborted"),
+            End::ClientClosed if self.error.is_none() => Some("client_closed"),
+            _ => self.error,
+        };
+        let upstream_request_id = self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok());
+        tracing::info!(
+            target: "request",
+            method = %self.method,
+            path = &*self.path,
+            status = self.status,
+            latency_ms,
+            request_id = self.id.0.to_str().unwrap_or(""),
+            product = self.log.product.as_deref(),
+            user = self.log.user.as_deref(),
+            error,
+            upstream_status = self.log.upstream_status,
+            upstream_request_id,
+            "request"
+        );
+    }
+}
+
+/// The response body, which writes the request's log line when it ends.
+struct LoggedBody {
+    inner: Body,
+    line: Option<LogLine>,
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => {
+                if let Some(line) = self.line.take() {
+                    line.emit(End::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(line) = self.line.take() {
+                    line.emit(End::UpstreamAborted);
+                }
+            }
+            _ => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            // hyper never polls an empty body (HEAD, or a known length of 0) to its end.
+            let end = if self.inner.is_end_stream() {
+                End::Complete
+            } else {
+                End::ClientClosed
+            };
+            line.emit(end);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_request_ids_are_kept_only_when_valid() {
+        let ok = HeaderValue::from_static("abc-DEF_1.2");
+        assert_eq!(RequestId::from_client(Some(&ok)).0, ok);
+        let long = HeaderValue::from_str(&"a".repeat(129)).expect("header");
+        assert_ne!(RequestId::from_client(Some(&long)).0, long);
+        let bad = HeaderValue::from_static("a b");
+        assert_ne!(RequestId::from_client(Some(&bad)).0, bad);
+        let max = HeaderValue::from_str(&"a".repeat(128)).expect("header");
+        assert_eq!(RequestId::from_client(Some(&max)).0, max);
+    }
+
+    #[test]
+    fn generated_ids_are_unique_and_valid() {
+        let a = RequestId::generate().0;
+        let b = RequestId::generate().0;
+        assert_ne!(a, b);
+        assert!(is_valid_request_id(a.as_bytes()));
+    }
+}
