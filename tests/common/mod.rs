@@ -1,0 +1,384 @@
+//! Test support: the real app on 127.0.0.1:0, a mock upstream over real HTTP, the
+//! binary as a child process, and credentials built the way clients build them.
+#![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use api_key_server::server::{self, Running};
+use api_key_server::settings::Settings;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use hmac::{KeyInit, Mac};
+use http::{HeaderMap, HeaderValue, Method};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+/// The upstream key of product `demo`: must never appear in a response or a log line.
+pub const PRODUCT_KEY: &str = "sk-test-DEMO-upstream-key-7f3a9c";
+pub const OTHER_PRODUCT_KEY: &str = "sk-test-OTHER-upstream-key-1b2d";
+pub const CLIENT: &str = "desk";
+/// The HMAC secret of client `desk`: must never appear in a response or a log line.
+pub const HMAC_SECRET: &str = "hmac-test-secret-0123456789abcdef-XYZ";
+pub const KID: &str = "test-kid";
+pub const PRODUCT: &str = "demo";
+pub const USER: &str = "alice";
+
+pub fn fixture(name: &str) -> String {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The variables every test app starts from (full names). Limits are high so that tests
+/// about other things never meet a 429.
+pub fn base_env(upstream_url: &str) -> HashMap<String, String> {
+    let jwt_keys = serde_json::json!({ KID: fixture("jwt-public.pem") }).to_string();
+    [
+        ("PRODUCT_KEYS", serde_json::json!({PRODUCT: PRODUCT_KEY, "other": OTHER_PRODUCT_KEY}).to_string()),
+        ("JWT_PUBLIC_KEYS", jwt_keys),
+        ("CLIENT_HMAC_SECRETS", serde_json::json!({ CLIENT: HMAC_SECRET }).to_string()),
+        ("OPENAI_BASE_URL", upstream_url.to_owned()),
+        ("RATE_LIMIT_CAPACITY", "100000".to_owned()),
+        ("RATE_LIMIT_REFILL_PER_SECOND", "100000".to_owned()),
+        ("UPSTREAM_TIMEOUT_SECONDS", "5".to_owned()),
+        ("SHUTDOWN_GRACE_SECONDS", "5".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("API_KEY_SERVER_{k}"), v))
+    .chain([("PORT".to_owned(), "0".to_owned())])
+    .collect()
+}
+
+/// Sets `name` (without prefix; `PORT` as is) in `env`.
+pub fn set(env: &mut HashMap<String, String>, name: &str, value: &str) {
+    let key = if name == "PORT" { name.to_owned() } else { format!("API_KEY_SERVER_{name}") };
+    env.insert(key, value.to_owned());
+}
+
+/// The real app, in-process, on 127.0.0.1 and an ephemeral port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    running: Option<Running>,
+    pub client: reqwest::Client,
+}
+
+impl TestApp {
+    /// Starts the app against `upstream_url` with `overrides` (names without prefix).
+    pub async fn spawn(upstream_url: &str, overrides: &[(&str, &str)]) -> Self {
+        let mut env = base_env(upstream_url);
+        for (k, v) in overrides {
+            set(&mut env, k, v);
+        }
+        Self::spawn_env(env).await
+    }
+
+    pub async fn spawn_env(env: HashMap<String, String>) -> Self {
+        let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings are valid");
+        let running = server::start(settings, IpAddr::V4(Ipv4Addr::LOCALHOST)).await.expect("bind");
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Self { addr: running.addr, running: Some(running), client }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /v1/chat/completions` with a JWT for (demo, alice).
+    pub async fn chat(&self, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(jwt(PRODUCT, USER))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// A minimal valid chat body.
+pub const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A mock upstream on 127.0.0.1 that records every request it receives.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    /// Serves `router`, recording requests first.
+    pub async fn start(router: Router) -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let record = received.clone();
+        let router = router.layer(axum::middleware::from_fn(move |request: Request, next: Next| {
+            let record = record.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+                record.lock().unwrap().push(Received {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                    headers: parts.headers.clone(),
+                    body: body.clone(),
+                });
+                next.run(Request::from_parts(parts, Body::from(body))).await
+            }
+        }));
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Self { addr, received, task }
+    }
+
+    /// An upstream that answers like OpenAI: JSON, or SSE when the body asks to stream.
+    pub async fn openai() -> Self {
+        Self::start(Router::new().route("/v1/chat/completions", axum::routing::post(openai_handler))).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/v1/chat/completions", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Received {
+        self.requests().pop().expect("the upstream received a request")
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+
+async fn openai_handler(body: Bytes) -> Response {
+    let stream = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["stream"].as_bool()) == Some(true);
+    let mut response = if stream {
+        let chunks = ["Hel", "lo", "!"].map(|t| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n"
+            )
+        });
+        let body = format!("{}data: [DONE]\n\n", chunks.concat());
+        let mut r = Response::new(Body::from(body));
+        r.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+        r
+    } else {
+        let mut r = Response::new(Body::from(COMPLETION));
+        r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+        r
+    };
+    let h = response.headers_mut();
+    h.insert("x-request-id", HeaderValue::from_static("upstream-req-42"));
+    h.insert("openai-processing-ms", HeaderValue::from_static("7"));
+    h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
+    h.insert("openai-organization", HeaderValue::from_static("org-secret"));
+    h.insert("x-ratelimit-limit-requests", HeaderValue::from_static("99999"));
+    h.insert("set-cookie", HeaderValue::from_static("upstream=1"));
+    h.insert("server", HeaderValue::from_static("mock-upstream"));
+    response
+}
+
+/// An RS256 token with `kid` for (product, user), valid for five minutes.
+pub fn jwt(product: &str, user: &str) -> String {
+    let now = now();
+    jwt_claims(&serde_json::json!({"sub": user, "product": product, "iat": now, "exp": now + 300}))
+}
+
+/// An RS256 token with `kid` and the given claims, signed with the test key.
+pub fn jwt_claims(claims: &serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(KID.to_owned());
+    sign_jwt(&header, claims, "jwt-private.pem")
+}
+
+pub fn sign_jwt(header: &jsonwebtoken::Header, claims: &serde_json::Value, private_key_fixture: &str) -> String {
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(fixture(private_key_fixture).as_bytes()).unwrap();
+    jsonwebtoken::encode(header, claims, &key).unwrap()
+}
+
+/// A fresh nonce: 32 characters of `[A-Za-z0-9_-]`.
+pub fn nonce() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("n{t:024x}{n:07x}")
+}
+
+/// The HMAC headers of one request, computed as the contract's string to sign says.
+pub struct Signed {
+    pub client: String,
+    pub timestamp: String,
+    pub nonce: Option<String>,
+    pub product: String,
+    pub user: String,
+    pub signature: String,
+}
+
+pub fn hmac_sign(
+    secret: &str,
+    method: &str,
+    path: &str,
+    client: &str,
+    product: &str,
+    user: &str,
+    nonce: Option<&str>,
+    timestamp: u64,
+    body: &[u8],
+) -> Signed {
+    let body_hash = hex::encode(Sha256::digest(body));
+    let to_sign = format!(
+        "{timestamp}\n{method}\n{path}\n{client}\n{product}\n{user}\n{}\n{body_hash}",
+        nonce.unwrap_or("")
+    );
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(to_sign.as_bytes());
+    Signed {
+        client: client.to_owned(),
+        timestamp: timestamp.to_string(),
+        nonce: nonce.map(str::to_owned),
+        product: product.to_owned(),
+        user: user.to_owned(),
+        signature: hex::encode(mac.finalize().into_bytes()),
+    }
+}
+
+impl Signed {
+    /// Signed as client `desk` for (demo, alice), now, with a fresh nonce.
+    pub fn chat(body: &[u8]) -> Self {
+        hmac_sign(HMAC_SECRET, "POST", "/v1/chat/completions", CLIENT, PRODUCT, USER, Some(&nonce()), now(), body)
+    }
+
+    pub fn apply(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        request = request
+            .header("x-client-id", &self.client)
+            .header("x-timestamp", &self.timestamp)
+            .header("x-product-id", &self.product)
+            .header("x-user-id", &self.user)
+            .header("x-signature", &self.signature);
+        if let Some(nonce) = &self.nonce {
+            request = request.header("x-nonce", nonce);
+        }
+        request
+    }
+}
+
+/// Parses an error envelope and returns (type, code, param).
+pub async fn error_of(response: reqwest::Response) -> (String, String, Option<String>) {
+    let body: serde_json::Value = response.json().await.expect("error body is JSON");
+    let e = &body["error"];
+    assert!(e["message"].is_string(), "message in {body}");
+    (
+        e["type"].as_str().unwrap_or_default().to_owned(),
+        e["code"].as_str().unwrap_or_default().to_owned(),
+        e["param"].as_str().map(str::to_owned),
+    )
+}
+
+/// The binary as a child process, its stdout lines collected.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_api-key-server"));
+    command.env_clear().kill_on_drop(true);
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    command
+}
+
+impl ServerProcess {
+    /// Starts `api-key-server` with exactly `env` and waits for its `listening` line.
+    pub async fn start(env: &HashMap<String, String>) -> Self {
+        let mut command = binary();
+        command.envs(env).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let collected = lines.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Some(port) = listening_port(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+                collected.lock().unwrap().push(line);
+            }
+        });
+        let port = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .expect("the binary logs its address")
+            .expect("stdout open");
+        Self { child, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), lines }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+fn listening_port(line: &str) -> Option<u16> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let address = value["address"].as_str()?;
+    address.rsplit(':').next()?.parse().ok()
+}
