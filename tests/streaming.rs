@@ -1,4 +1,5 @@
 //! Streaming: chunks cross as they arrive, failures after the headers cut the stream,
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
 //! and a client that leaves cancels the upstream call.
 mod common;
 
