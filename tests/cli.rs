@@ -193,7 +193,7 @@ async fn mint_jwt_refuses_keys_that_are_not_rsa_private_keys_without_printing_th
         let message = stderr(&output);
         assert_eq!(message.lines().count(), 1, "{name}: {message}");
         assert!(!message.contains("BEGIN"), "{name}: {message}");
-        if name.ends_with(".pem") {
+        if name != "README.md" {
             for line in key_material(name) {
                 assert!(!message.contains(&line[..16]), "{name}: key material in {message}");
             }
