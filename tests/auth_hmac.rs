@@ -162,7 +162,7 @@ async fn every_signed_header_is_covered_by_the_signature() {
         |s| s.nonce = Some(nonce()),
         |s| {
             s.signature
-                .replace_range(0..2, if s.signature.starts_with("00") { "11" } else { "00" })
+                .replace_range(0..2, if s.signature.starts_with("00") { "11" } else { "00" });
         },
     ];
     for (i, change) in tamper.iter().enumerate() {
