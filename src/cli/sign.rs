@@ -206,6 +206,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_worked_example_signs_as_documented() {
+        let request = Request {
+            timestamp: 1_764_067_200,
+            method: "POST",
+            path: "/v1/chat/completions",
+            client: "desktop-app",
+            product: "notes",
+            user: "user-42",
+            nonce: "Zx8kq2LwP0aVb7Nc4Rt9Ys1M",
+        };
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hello"}]}"#;
+        assert_eq!(
+            request.signature(b"an-example-secret-of-at-least-32-bytes!", body),
+            "7366d46a7a9a3fa02a2ee73d6a3e049158f75a69f50ce5a1b0105a0f434a0687"
+        );
+    }
+
+    #[test]
     fn nonces_are_32_url_safe_characters_and_differ() {
         let a = random_nonce().expect("random");
         let b = random_nonce().expect("random");
