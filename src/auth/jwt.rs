@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
 use crate::settings::{JwtSettings, Secret};
 
@@ -88,6 +89,8 @@ pub struct JwtVerifier {
     products: HashSet<Arc<str>>,
     max_ttl: f64,
     leeway: f64,
+    /// Tokens that verified, so a token sent again costs a hash, not an RSA verification.
+    cache: TokenCache,
 }
 
 impl JwtVerifier {
@@ -115,6 +118,7 @@ impl JwtVerifier {
             products: products.keys().cloned().collect(),
             max_ttl: settings.max_ttl.as_secs_f64(),
             leeway: settings.leeway.as_secs_f64(),
+            cache: TokenCache::default(),
         }
     }
 
@@ -124,6 +128,15 @@ impl JwtVerifier {
             return Err(AuthError::InvalidToken);
         };
         let token = bearer_token(value).ok_or(AuthError::InvalidToken)?;
+        let now = now();
+        // Only verified tokens are cached; `exp` and `nbf` are checked again on every hit.
+        if let Some(hit) = self.cache.get(token, now, self.leeway) {
+            return Ok(Identity {
+                product: hit.product,
+                user: hit.user.as_ref().into(),
+                client: None,
+            });
+        }
 
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken)?;
         if header.alg != Algorithm::RS256 {
@@ -145,12 +158,22 @@ impl JwtVerifier {
         if user.is_empty() {
             return Err(AuthError::InvalidToken);
         }
-        self.check_times(now(), exp, iat, claims.nbf)?;
+        self.check_times(now, exp, iat, claims.nbf)?;
         let product = self
             .products
             .get(product.as_str())
             .ok_or(AuthError::ProductNotAllowed)?
             .clone();
+        self.cache.insert(
+            token,
+            Cached {
+                product: product.clone(),
+                user: Arc::from(user.as_str()),
+                exp,
+                nbf: claims.nbf,
+            },
+            now,
+        );
         Ok(Identity {
             product,
             user: user.into_boxed_str(),
