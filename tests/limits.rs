@@ -1,4 +1,5 @@
 //! Rate limits and daily quotas over HTTP, decided in memory (no Redis configured).
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
 mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,7 +8,7 @@ use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, error_of
 
 const PATH: &str = "/v1/chat/completions";
 
-pub async fn chat_as(app: &TestApp, product: &str, user: &str) -> reqwest::Response {
+async fn chat_as(app: &TestApp, product: &str, user: &str) -> reqwest::Response {
     app.client
         .post(app.url(PATH))
         .bearer_auth(jwt(product, user))
@@ -237,7 +238,7 @@ async fn concurrent_requests_admit_exactly_the_capacity() {
 }
 
 /// `n` simultaneous requests of (demo, alice); their statuses.
-pub async fn burst(app: &TestApp, n: usize) -> Vec<u16> {
+async fn burst(app: &TestApp, n: usize) -> Vec<u16> {
     let token = jwt(PRODUCT, "alice");
     let requests = (0..n).map(|_| app.client.post(app.url(PATH)).bearer_auth(&token).body(CHAT).send());
     futures_join_all(requests).await
