@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +31,8 @@ fn limits(capacity: u32) -> LimitSettings {
             refill_per_second: 0.001,
             daily_quota: 1000.try_into().unwrap(),
         },
-        products: Default::default(),
-        clients: Default::default(),
+        products: HashMap::new(),
+        clients: HashMap::new(),
     }
 }
 
