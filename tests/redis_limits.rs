@@ -8,7 +8,10 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::redis::{RedisCluster, RedisServer, free_port};
-use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, error_of, hmac_sign, jwt, nonce, now};
+use common::{
+    CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, ServerProcess, TestApp, base_env, error_of, hmac_sign, jwt,
+    nonce, now, set,
+};
 
 const PATH: &str = "/v1/chat/completions";
 /// Generous, so a loaded test machine does not turn a slow answer into a memory decision.
@@ -277,4 +280,62 @@ async fn tls_redis_with_a_private_ca_is_used() {
     assert_one_combined_limit(&a, &b, "alice").await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_password_url_works_and_outages_are_logged_once_without_the_password() {
+    const PASSWORD: &str = "hunter2-redis-password";
+    let mut redis = RedisServer::start_with_password(PASSWORD);
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    for (name, value) in [
+        ("REDIS_URL", redis.url().as_str()),
+        ("REDIS_TIMEOUT_MS", TIMEOUT_MS),
+        ("RATE_LIMIT_CAPACITY", "3"),
+        ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+    ] {
+        set(&mut env, name, value);
+    }
+    let server = ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let chat = |user: String| {
+        client
+            .post(server.url(PATH))
+            .bearer_auth(jwt(PRODUCT, &user))
+            .body(CHAT)
+            .send()
+    };
+    assert_eq!(chat("alice".to_owned()).await.unwrap().status(), 200);
+    assert_eq!(
+        redis.keys().len(),
+        2,
+        "decided in Redis, authenticated with the password"
+    );
+
+    redis.kill();
+    for n in 0..5 {
+        let status = chat(format!("down-{n}")).await.unwrap().status();
+        assert_eq!(status, 200, "memory decides while Redis is down");
+    }
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        assert_eq!(chat(format!("back-{n}")).await.unwrap().status(), 200);
+        if !redis.keys().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis not used again within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The log lines are written before the responses that follow them.
+    let output = server.output();
+    assert!(!output.contains(PASSWORD), "the Redis password was logged:\n{output}");
+    let count = |needle: &str| output.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("Redis unavailable"), 1, "one warning on fallback:\n{output}");
+    assert_eq!(count("Redis answers again"), 1, "one line when back:\n{output}");
+    assert_eq!(
+        count("Redis still unavailable"),
+        0,
+        "at most one error line a minute:\n{output}"
+    );
 }

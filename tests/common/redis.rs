@@ -124,6 +124,7 @@ pub struct RedisServer {
     args: Vec<String>,
     child: Option<Child>,
     pub tls: Option<TlsFiles>,
+    password: Option<String>,
     dir: TempDir,
 }
 
@@ -131,6 +132,13 @@ impl RedisServer {
     /// A plain node, no persistence.
     pub fn start() -> Self {
         Self::spawn(Vec::new(), false)
+    }
+
+    /// A plain node that requires `password` (`AUTH`).
+    pub fn start_with_password(password: &str) -> Self {
+        let mut server = Self::spawn(vec!["--requirepass".to_owned(), password.to_owned()], false);
+        server.password = Some(password.to_owned());
+        server
     }
 
     /// A node serving TLS only, with a certificate from a CA made for this test.
@@ -175,6 +183,7 @@ impl RedisServer {
             args,
             child: None,
             tls,
+            password: None,
             dir,
         };
         server.restart();
@@ -184,7 +193,8 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>` (`rediss://` for a TLS node).
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        let auth = self.password.as_ref().map(|p| format!(":{p}@")).unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (as a crash would: SIGKILL) and waits for it to exit.
@@ -222,6 +232,9 @@ impl RedisServer {
         assert!(self.tls.is_none(), "cli() speaks plain TCP");
         let port = self.port.to_string();
         let mut all = vec!["-p", &port];
+        if let Some(password) = &self.password {
+            all.extend(["--no-auth-warning", "-a", password]);
+        }
         all.extend_from_slice(args);
         redis_cli(&all)
     }
