@@ -15,12 +15,16 @@ use api_key_server::settings::{LimitSettings, Limits, RedisSettings, Secret};
 use common::redis::{RedisServer, free_port};
 
 fn settings(url: &str) -> RedisSettings {
+    settings_with_timeout(url, Duration::from_millis(1000))
+}
+
+fn settings_with_timeout(url: &str, timeout: Duration) -> RedisSettings {
     RedisSettings {
         url: Secret::new(url.to_owned()),
         cluster: false,
         ca_cert: None,
         prefix: "storetest".to_owned(),
-        timeout: Duration::from_millis(1000),
+        timeout,
     }
 }
 
@@ -160,4 +164,61 @@ async fn the_limiter_decides_in_memory_while_redis_is_down_and_in_redis_once_bac
     let grant = limiter.admit(&alice()).await.unwrap();
     assert_eq!(grant.headers.remaining, 1);
     assert_eq!(redis.keys().len(), 2);
+}
+
+#[tokio::test]
+async fn a_redis_slower_than_the_timeout_is_skipped_and_used_again_once_it_answers() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let store = Arc::new(api_key_server::store::Store::start(&settings_with_timeout(
+        &redis.url(),
+        Duration::from_millis(200),
+    )));
+    let limiter = Limiter::new(&limits(2), Some(store.clone()));
+    assert!(limiter.admit(&alice()).await.is_ok());
+    assert!(store.is_using_redis());
+
+    redis.pause();
+    let started = std::time::Instant::now();
+    // The first waits the timeout, then memory decides (a fresh bucket there).
+    assert!(limiter.admit(&alice()).await.is_ok());
+    let first = started.elapsed();
+    assert!(
+        first >= Duration::from_millis(200) && first < Duration::from_millis(800),
+        "{first:?}"
+    );
+    // The breaker is open: no more waiting.
+    let started = std::time::Instant::now();
+    assert!(limiter.admit(&alice()).await.is_ok());
+    assert!(matches!(
+        limiter.admit(&alice()).await,
+        Err(LimitError::RateLimited { .. })
+    ));
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!store.is_using_redis());
+
+    redis.resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !store.is_using_redis() {
+        assert!(std::time::Instant::now() < deadline, "Redis not used again within 15 s");
+        let _ = limiter.admit(&alice()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Decided in Redis again: bob's keys appear there. (The request that timed out was
+    // still run by Redis once it resumed, as a sent command cannot be unsent: Redis may
+    // have charged alice for it too, which errs on the strict side.)
+    let bob = Identity {
+        user: "bob".into(),
+        ..alice()
+    };
+    assert!(limiter.admit(&bob).await.is_ok());
+    assert!(
+        redis.keys().iter().any(|k| k.contains(":u:x626f62}:bucket")),
+        "{:?}",
+        redis.keys()
+    );
 }

@@ -227,6 +227,22 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// `redis-cli` against this server (plain nodes only).
     pub fn cli(&self, args: &[&str]) -> String {
         assert!(self.tls.is_none(), "cli() speaks plain TCP");
@@ -255,6 +271,10 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A paused server ignores nothing but SIGKILL; resume anyway for a clean exit.
+        if self.child.is_some() {
+            self.resume();
+        }
         self.kill();
     }
 }
