@@ -177,6 +177,10 @@ fn variables(keys: &DevKeys, openai_key: Option<&str>, fake_url: Option<String>)
                 .or_insert_with(|| "https://api.openai.com/v1/chat/completions".to_owned());
         }
     }
+    // The metrics listener would bind beyond loopback; dev has no use for it.
+    if vars.remove(&format!("{PREFIX}METRICS_PORT")).is_some() {
+        tracing::warn!("{PREFIX}METRICS_PORT is ignored in dev mode (it listens on 127.0.0.1 only)");
+    }
     vars.insert(
         "PORT".to_owned(),
         std::env::var("PORT")
