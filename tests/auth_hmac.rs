@@ -543,3 +543,24 @@ async fn secrets_and_signatures_never_appear_in_responses() {
     }
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn replays_are_refused_in_memory_while_redis_is_down() {
+    let port = common::closed_port().await;
+    let redis = format!("redis://127.0.0.1:{port}");
+    let (upstream, app) = start(&[
+        ("REDIS_URL", &redis),
+        ("REDIS_TIMEOUT_MS", "50"),
+        ("HMAC_NONCE_CAPACITY", "1"),
+    ])
+    .await;
+    let signed = Signed::chat(CHAT.as_bytes());
+    assert_eq!(send(&app, &signed, CHAT).await.status(), 200);
+    assert_401(send(&app, &signed, CHAT).await, "replayed_nonce").await;
+    // The memory store's bound holds during the outage too: never accepted unchecked.
+    let response = send(&app, &Signed::chat(CHAT.as_bytes()), CHAT).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["x-should-retry"], "true");
+    assert_eq!(upstream.requests().len(), 1);
+    app.shutdown().await;
+}
