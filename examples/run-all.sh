@@ -68,13 +68,17 @@ url=$(banner URL)
 [ -n "$url" ] || { cat "$work/server.log" >&2; fail "no banner from api-key-server dev"; }
 curl -sS --fail --max-time 5 "$url/health" >/dev/null || fail "$url/health does not answer"
 
-export PROXY_URL=$url
-export PROXY_JWT=$(banner JWT)
-export PROXY_HMAC_CLIENT=$(banner HMAC_CLIENT)
-export PROXY_HMAC_SECRET=$(banner 'export DEV_HMAC_SECRET')
-export PROXY_PRODUCT=demo
-export PROXY_EXPECT="You said: Say hello"
-export API_KEY_SERVER_BIN=$bin
+PROXY_URL=$url
+PROXY_JWT=$(banner JWT)
+PROXY_HMAC_CLIENT=$(banner HMAC_CLIENT)
+PROXY_HMAC_SECRET=$(banner 'export DEV_HMAC_SECRET')
+[ -n "$PROXY_JWT" ] && [ -n "$PROXY_HMAC_CLIENT" ] && [ -n "$PROXY_HMAC_SECRET" ] ||
+  { cat "$work/server.log" >&2; fail "the dev banner lacks JWT, HMAC_CLIENT or DEV_HMAC_SECRET"; }
+# The fake upstream echoes the prompt: this proves the reply made the whole trip.
+PROXY_EXPECT="You said: Say hello"
+PROXY_PRODUCT=demo
+API_KEY_SERVER_BIN=$bin
+export PROXY_URL PROXY_JWT PROXY_HMAC_CLIENT PROXY_HMAC_SECRET PROXY_EXPECT PROXY_PRODUCT API_KEY_SERVER_BIN
 
 run() {
   local name=$1
