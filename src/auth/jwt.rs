@@ -104,13 +104,18 @@ impl JwtVerifier {
         validation.required_spec_claims.clear();
         validation.leeway = settings.leeway.as_secs();
         match &settings.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                // jsonwebtoken checks a claim's value only when the claim is present.
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
             // Since jsonwebtoken 9 a token with `aud` is refused when no audience is set;
             // the contract ignores `aud` then.
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = &settings.issuer {
             validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
         }
         Self {
             keys: settings.keys.clone(),
