@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve on 0.0.0.0:$PORT with settings from `API_KEY_SERVER`_* (the default).
+    /// Serve on 0.0.0.0:$PORT with settings from the `API_KEY_SERVER_*` variables (the default).
     Serve,
     /// Zero-config demo on 127.0.0.1 with generated keys and a local fake upstream.
     Dev(cli::dev::Args),
