@@ -24,7 +24,10 @@ pub struct NonceStore {
 
 impl NonceStore {
     pub fn new(capacity: usize, store: Option<Arc<Store>>) -> Self {
-        Self { _capacity: capacity, store }
+        Self {
+            _capacity: capacity,
+            store,
+        }
     }
 
     /// Claims `nonce` for `client`, to be remembered for `ttl`.

@@ -48,9 +48,15 @@ pub fn now() -> u64 {
 pub fn base_env(upstream_url: &str) -> HashMap<String, String> {
     let jwt_keys = serde_json::json!({ KID: fixture("jwt-public.pem") }).to_string();
     [
-        ("PRODUCT_KEYS", serde_json::json!({PRODUCT: PRODUCT_KEY, "other": OTHER_PRODUCT_KEY}).to_string()),
+        (
+            "PRODUCT_KEYS",
+            serde_json::json!({PRODUCT: PRODUCT_KEY, "other": OTHER_PRODUCT_KEY}).to_string(),
+        ),
         ("JWT_PUBLIC_KEYS", jwt_keys),
-        ("CLIENT_HMAC_SECRETS", serde_json::json!({ CLIENT: HMAC_SECRET }).to_string()),
+        (
+            "CLIENT_HMAC_SECRETS",
+            serde_json::json!({ CLIENT: HMAC_SECRET }).to_string(),
+        ),
         ("OPENAI_BASE_URL", upstream_url.to_owned()),
         ("RATE_LIMIT_CAPACITY", "100000".to_owned()),
         ("RATE_LIMIT_REFILL_PER_SECOND", "100000".to_owned()),
@@ -65,7 +71,11 @@ pub fn base_env(upstream_url: &str) -> HashMap<String, String> {
 
 /// Sets `name` (without prefix; `PORT` as is) in `env`.
 pub fn set(env: &mut HashMap<String, String>, name: &str, value: &str) {
-    let key = if name == "PORT" { name.to_owned() } else { format!("API_KEY_SERVER_{name}") };
+    let key = if name == "PORT" {
+        name.to_owned()
+    } else {
+        format!("API_KEY_SERVER_{name}")
+    };
     env.insert(key, value.to_owned());
 }
 
@@ -88,9 +98,15 @@ impl TestApp {
 
     pub async fn spawn_env(env: HashMap<String, String>) -> Self {
         let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings are valid");
-        let running = server::start(settings, IpAddr::V4(Ipv4Addr::LOCALHOST)).await.expect("bind");
+        let running = server::start(settings, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .await
+            .expect("bind");
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
-        Self { addr: running.addr, running: Some(running), client }
+        Self {
+            addr: running.addr,
+            running: Some(running),
+            client,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -145,7 +161,11 @@ impl MockUpstream {
             let record = record.clone();
             async move {
                 let (parts, body) = request.into_parts();
-                let body = body.collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+                let body = body
+                    .collect()
+                    .await
+                    .map(http_body_util::Collected::to_bytes)
+                    .unwrap_or_default();
                 record.lock().unwrap().push(Received {
                     method: parts.method.clone(),
                     path: parts.uri.path().to_owned(),
@@ -190,7 +210,10 @@ impl Drop for MockUpstream {
 pub const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
 
 async fn openai_handler(body: Bytes) -> Response {
-    let stream = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["stream"].as_bool()) == Some(true);
+    let stream = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["stream"].as_bool())
+        == Some(true);
     let mut response = if stream {
         let chunks = ["Hel", "lo", "!"].map(|t| {
             format!(
@@ -199,11 +222,13 @@ async fn openai_handler(body: Bytes) -> Response {
         });
         let body = format!("{}data: [DONE]\n\n", chunks.concat());
         let mut r = Response::new(Body::from(body));
-        r.headers_mut().insert("content-type", HeaderValue::from_static("text/event-stream"));
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("text/event-stream"));
         r
     } else {
         let mut r = Response::new(Body::from(COMPLETION));
-        r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
         r
     };
     let h = response.headers_mut();
@@ -284,7 +309,17 @@ pub fn hmac_sign(
 impl Signed {
     /// Signed as client `desk` for (demo, alice), now, with a fresh nonce.
     pub fn chat(body: &[u8]) -> Self {
-        hmac_sign(HMAC_SECRET, "POST", "/v1/chat/completions", CLIENT, PRODUCT, USER, Some(&nonce()), now(), body)
+        hmac_sign(
+            HMAC_SECRET,
+            "POST",
+            "/v1/chat/completions",
+            CLIENT,
+            PRODUCT,
+            USER,
+            Some(&nonce()),
+            now(),
+            body,
+        )
     }
 
     pub fn apply(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -355,7 +390,11 @@ impl ServerProcess {
             .await
             .expect("the binary logs its address")
             .expect("stdout open");
-        Self { child, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), lines }
+        Self {
+            child,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            lines,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -369,7 +408,10 @@ impl ServerProcess {
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("running");
-        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 }
