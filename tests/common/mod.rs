@@ -1,6 +1,11 @@
 //! Test support: the real app on 127.0.0.1:0, a mock upstream over real HTTP, the
 //! binary as a child process, and credentials built the way clients build them.
-#![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    clippy::too_many_arguments
+)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -378,10 +383,10 @@ impl ServerProcess {
             let mut tx = Some(tx);
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                if let Some(port) = listening_port(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(port);
-                    }
+                if let Some(port) = listening_port(&line)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(port);
                 }
                 collected.lock().unwrap().push(line);
             }
@@ -423,4 +428,53 @@ fn listening_port(line: &str) -> Option<u16> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let address = value["address"].as_str()?;
     address.rsplit(':').next()?.parse().ok()
+}
+
+/// A response body fed by the test: each `send` is one chunk; dropping the sender ends
+/// the body cleanly, sending an `Err` aborts it. `dropped` fires when the proxy drops the
+/// body (for example because its client went away).
+pub fn channel_body() -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    Body,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let stream = futures_util::stream::unfold((rx, OnDrop(Some(dropped_tx))), |(mut rx, guard)| async move {
+        rx.recv().await.map(|item| (item, (rx, guard)))
+    });
+    (tx, Body::from_stream(stream), dropped_rx)
+}
+
+/// A raw TCP "upstream" on 127.0.0.1 that answers every connection with `reply` bytes
+/// (possibly empty) and then closes it.
+pub async fn raw_upstream(reply: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+                let _ = socket.write_all(reply).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port that nothing listens on.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    listener.local_addr().unwrap().port()
 }
