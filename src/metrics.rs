@@ -41,6 +41,10 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 90.0, 120.0,
 ];
 
+/// The values of the limiter decision labels (see [`limiter_decision`]).
+const LIMITER_OUTCOMES: [&str; 3] = ["admitted", "rate_limited", "quota_exceeded"];
+const LIMITER_BACKENDS: [&str; 2] = ["redis", "memory"];
+
 /// More distinct route templates than the router can have means something passes raw
 /// paths: stop adding label values instead of growing without bound.
 const MAX_ROUTES: usize = 64;
@@ -85,6 +89,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         upstream_latency.clone(),
     );
     let limiter_decisions = Family::<DecisionLabels, Counter>::default();
+    // Every combination exists from the start, at 0: an empty family is not exposed at
+    // all, and `rate()` needs the series before its first increment.
+    for outcome in LIMITER_OUTCOMES {
+        for backend in LIMITER_BACKENDS {
+            let _ = limiter_decisions.get_or_create(&DecisionLabels { outcome, backend });
+        }
+    }
     registry.register(
         "limiter_decisions",
         "Rate limiter decisions, by outcome (admitted, rate_limited, quota_exceeded) and backend (redis, memory)",
