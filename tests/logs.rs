@@ -127,7 +127,11 @@ async fn traceparent_and_an_error_code_reach_the_line_without_the_signature() {
     let mut signed = Signed::chat(body.as_bytes());
     let signature = signed.signature.clone();
     // One flipped digit: a bad signature, still well-formed.
-    signed.signature = format!("{}{}", if signature.starts_with('0') { '1' } else { '0' }, &signature[1..]);
+    signed.signature = format!(
+        "{}{}",
+        if signature.starts_with('0') { '1' } else { '0' },
+        &signature[1..]
+    );
 
     let request = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
@@ -222,7 +226,10 @@ async fn log_format_text_writes_lines_for_humans() {
     assert!(serde_json::from_str::<Value>(&line).is_err(), "not JSON: {line}");
     assert!(line.contains("INFO"), "{line}");
     assert!(line.contains("status=200"), "{line}");
-    assert!(line.contains("path=\"/health\"") || line.contains("path=/health"), "{line}");
+    assert!(
+        line.contains("path=\"/health\"") || line.contains("path=/health"),
+        "{line}"
+    );
     assert!(!line.contains('\u{1b}'), "no colour codes off a terminal: {line}");
     let _ = child.kill().await;
 }

@@ -43,29 +43,26 @@ async fn scrape(client: &reqwest::Client, addr: SocketAddr) -> (String, String) 
     (content_type, response.text().await.expect("text"))
 }
 
-#[tokio::test]
-async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
-    let upstream = MockUpstream::openai().await;
-    let mut env = base_env(&upstream.url());
-    set(&mut env, "METRICS_PORT", "0");
-    let server = ServerProcess::start(&env).await;
-    // The metrics line follows the `listening` line that `start` waited for.
+/// The metrics line follows the `listening` line that `ServerProcess::start` waited for.
+async fn wait_for_metrics_addr(server: &ServerProcess) -> SocketAddr {
     let mut addr = None;
     for _ in 0..200 {
-        addr = metrics_addr(&server);
+        addr = metrics_addr(server);
         if addr.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let addr = addr.unwrap_or_else(|| panic!("a metrics line in:\n{}", server.output()));
-    let client = reqwest::Client::new();
-    let token = jwt("demo", "alice");
+    addr.unwrap_or_else(|| panic!("a metrics line in:\n{}", server.output()))
+}
 
+/// Two good chats, a refused model, a model lookup, a request without credentials and
+/// an unknown path.
+async fn send_traffic(server: &ServerProcess, client: &reqwest::Client, token: &str) {
     let chat = |body: &'static str| {
         client
             .post(server.url("/v1/chat/completions"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .body(body)
             .send()
     };
@@ -81,7 +78,7 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
     r.bytes().await.expect("body");
     let r = client
         .get(server.url("/v1/models/gpt-4o"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .send()
         .await
         .expect("model");
@@ -97,19 +94,41 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
         .expect("404");
     assert_eq!(r.status(), 404);
     r.bytes().await.expect("body");
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "METRICS_PORT", "0");
+    let server = ServerProcess::start(&env).await;
+    let addr = wait_for_metrics_addr(&server).await;
+    let client = reqwest::Client::new();
+    let token = jwt("demo", "alice");
+
+    send_traffic(&server, &client, &token).await;
 
     let expected = [
-        (r#"api_key_server_requests_total{route="/v1/chat/completions",status="200",code=""}"#, 2.0),
+        (
+            r#"api_key_server_requests_total{route="/v1/chat/completions",status="200",code=""}"#,
+            2.0,
+        ),
         (
             r#"api_key_server_requests_total{route="/v1/chat/completions",status="400",code="model_not_allowed"}"#,
             1.0,
         ),
-        (r#"api_key_server_requests_total{route="/v1/models/{*model}",status="200",code=""}"#, 1.0),
+        (
+            r#"api_key_server_requests_total{route="/v1/models/{*model}",status="200",code=""}"#,
+            1.0,
+        ),
         (
             r#"api_key_server_requests_total{route="/v1/models",status="401",code="missing_credentials"}"#,
             1.0,
         ),
-        (r#"api_key_server_requests_total{route="unmatched",status="404",code="not_found"}"#, 1.0),
+        (
+            r#"api_key_server_requests_total{route="unmatched",status="404",code="not_found"}"#,
+            1.0,
+        ),
         ("api_key_server_upstream_latency_seconds_count", 2.0),
         ("api_key_server_redis_configured", 0.0),
         ("api_key_server_redis_fallback_active", 0.0),
@@ -121,7 +140,10 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
     for _ in 0..200 {
         let (content_type, text) = scrape(&client, addr).await;
         assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
-        if expected.iter().all(|(series, value)| sample(&text, series) == Some(*value)) {
+        if expected
+            .iter()
+            .all(|(series, value)| sample(&text, series) == Some(*value))
+        {
             last = text;
             break;
         }
@@ -136,7 +158,8 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
     // Limiter decisions are exposed for every outcome and backend from the start.
     for outcome in ["admitted", "rate_limited", "quota_exceeded"] {
         for backend in ["redis", "memory"] {
-            let series = format!(r#"api_key_server_limiter_decisions_total{{outcome="{outcome}",backend="{backend}"}}"#);
+            let series =
+                format!(r#"api_key_server_limiter_decisions_total{{outcome="{outcome}",backend="{backend}"}}"#);
             assert!(sample(&last, &series).is_some(), "{series} in:\n{last}");
         }
     }
@@ -146,7 +169,11 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
     }
 
     // The metrics are not served on the service's own port.
-    let r = client.get(server.url("/metrics")).send().await.expect("metrics on the main port");
+    let r = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics on the main port");
     assert_eq!(r.status(), 404);
 }
 
