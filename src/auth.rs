@@ -8,6 +8,7 @@
 pub mod hmac;
 pub mod jwt;
 pub mod nonce;
+pub mod token_cache;
 
 use std::sync::Arc;
 

@@ -2,15 +2,23 @@
 //! client where `CLIENT_LIMITS` names it.
 //!
 //! One [`Limiter::admit`] call per request decides everything and returns the bucket
-//! figures for OpenAI's `x-ratelimit-*` headers.
+//! figures for OpenAI's `x-ratelimit-*` headers. Decisions go to Redis ([`redis`], one
+//! atomic script per decision) when a [`Store`] is configured and answering, else to this
+//! instance's memory ([`memory`]). This module never fails a request because Redis is
+//! unavailable, and never holds a lock across an `.await`.
+
+mod memory;
+mod redis;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 
+use self::memory::MemoryLimiter;
+use self::redis::RedisLimiter;
 use crate::auth::Identity;
-use crate::settings::LimitSettings;
+use crate::settings::{LimitSettings, Limits};
 use crate::store::Store;
 
 /// The bucket that decided, as OpenAI's `x-ratelimit-*-requests` headers show it.
@@ -93,34 +101,220 @@ impl LimitError {
     }
 }
 
+/// What one bucket and daily counter said about one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Decision {
+    pub outcome: Outcome,
+    /// The figures of the bucket that decided, after this request.
+    pub headers: RateLimitHeaders,
+    /// Until a token (rate limited) or the next UTC day (quota exceeded); zero when admitted.
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Admitted,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl Decision {
+    fn into_result(self) -> Result<Grant, LimitError> {
+        let Self {
+            outcome,
+            headers,
+            retry_after,
+        } = self;
+        match outcome {
+            Outcome::Admitted => Ok(Grant { headers }),
+            Outcome::RateLimited => Err(LimitError::RateLimited { retry_after, headers }),
+            Outcome::QuotaExceeded => Err(LimitError::DailyQuotaExceeded { retry_after, headers }),
+        }
+    }
+}
+
+/// Whose bucket and counter a decision is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    User { product: Arc<str>, user: Box<str> },
+    Client(Arc<str>),
+}
+
+/// The time limits are decided at, injected so that tests control it.
+pub trait Clock: Send + Sync {
+    /// Microseconds since the Unix epoch (UTC).
+    fn now_micros(&self) -> u64;
+}
+
+/// The system's wall clock: the daily quota follows the UTC calendar, and a step back is
+/// harmless (the bucket refills nothing for it).
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_micros(&self) -> u64 {
+        let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Decides every request's limits: in Redis when a store is configured and answering,
+/// else in this instance's memory.
 pub struct Limiter {
     settings: LimitSettings,
+    memory: MemoryLimiter,
+    redis: Option<RedisLimiter>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Limiter {
-    pub fn new(settings: &LimitSettings, _store: Option<Arc<Store>>) -> Self {
+    pub fn new(settings: &LimitSettings, store: Option<Arc<Store>>) -> Self {
+        Self::with_clock(settings, store, Arc::new(SystemClock))
+    }
+
+    /// As [`Limiter::new`], with the clock of the in-memory decisions (Redis decides on
+    /// its own clock).
+    pub fn with_clock(settings: &LimitSettings, store: Option<Arc<Store>>, clock: Arc<dyn Clock>) -> Self {
         Self {
             settings: settings.clone(),
+            memory: MemoryLimiter::new(),
+            redis: store.map(RedisLimiter::new),
+            clock,
         }
     }
 
     /// Admits or refuses one request of `identity`.
-    #[allow(clippy::unused_async)] // stub until limits land
+    ///
+    /// An HMAC client named in `CLIENT_LIMITS` is decided first, on its own: a refusal
+    /// there consults nothing further, and its admission stands even when the user's
+    /// limits then refuse (contract: "Rate limiting").
     pub async fn admit(&self, identity: &Identity) -> Result<Grant, LimitError> {
+        if let Some(client) = &identity.client
+            && let Some(limits) = self.settings.clients.get(&**client)
+        {
+            self.decide(&Key::Client(Arc::clone(client)), limits)
+                .await
+                .into_result()?;
+        }
         let limits = self.settings.for_product(&identity.product);
-        Ok(Grant {
-            headers: RateLimitHeaders {
-                limit: limits.capacity.get(),
-                remaining: limits.capacity.get() - 1,
-                reset: Duration::ZERO,
-            },
-        })
+        let key = Key::User {
+            product: Arc::clone(&identity.product),
+            user: identity.user.clone(),
+        };
+        self.decide(&key, &limits).await.into_result()
+    }
+
+    async fn decide(&self, key: &Key, limits: &Limits) -> Decision {
+        if let Some(redis) = &self.redis
+            && let Some(decision) = redis.decide(key, limits).await
+        {
+            return decision;
+        }
+        self.memory.decide(key, limits, self.clock.now_micros())
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    use std::collections::HashMap;
+    use std::num::{NonZeroU32, NonZeroU64};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
+
+    /// A clock the test moves by hand.
+    struct ManualClock(AtomicU64);
+
+    impl Clock for ManualClock {
+        fn now_micros(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// 2024-05-01T23:59:00Z.
+    const LATE: u64 = (19_844 * 86_400 + 86_340) * 1_000_000;
+
+    fn limits(capacity: u32, rate: f64, quota: u64) -> Limits {
+        Limits {
+            capacity: NonZeroU32::new(capacity).unwrap(),
+            refill_per_second: rate,
+            daily_quota: NonZeroU64::new(quota).unwrap(),
+        }
+    }
+
+    fn limiter(user: Limits, client: Limits) -> (Limiter, Arc<ManualClock>) {
+        let settings = LimitSettings {
+            default: user,
+            products: HashMap::new(),
+            clients: HashMap::from([("desk".to_owned(), client)]),
+        };
+        let clock = Arc::new(ManualClock(AtomicU64::new(LATE)));
+        (Limiter::with_clock(&settings, None, clock.clone()), clock)
+    }
+
+    fn identity(user: &str, client: Option<&str>) -> Identity {
+        Identity {
+            product: Arc::from("demo"),
+            user: user.into(),
+            client: client.map(Arc::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_bucket_is_shared_by_its_users_and_decides_first() {
+        let (limiter, _) = limiter(limits(1, 0.001, 100), limits(2, 0.001, 100));
+        let a = identity("a", Some("desk"));
+        let b = identity("b", Some("desk"));
+        let grant = limiter.admit(&a).await.unwrap();
+        // The (product, user) bucket's figures on success.
+        assert_eq!((grant.headers.limit, grant.headers.remaining), (1, 0));
+        // a's own bucket refuses, after the client's admitted: the client unit is spent.
+        let Err(LimitError::RateLimited { headers, .. }) = limiter.admit(&a).await else {
+            panic!("a's bucket is empty");
+        };
+        assert_eq!(headers.limit, 1);
+        // The client's bucket is now empty: b is refused by it, with its figures.
+        let Err(LimitError::RateLimited { headers, .. }) = limiter.admit(&b).await else {
+            panic!("the client's bucket is empty");
+        };
+        assert_eq!((headers.limit, headers.remaining), (2, 0));
+        // Without the client, b has its own full bucket.
+        assert!(limiter.admit(&identity("b", None)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_client_refusal_takes_nothing_from_the_user() {
+        let (limiter, clock) = limiter(limits(2, 1.0, 100), limits(1, 1.0, 100));
+        let a = identity("a", Some("desk"));
+        assert!(limiter.admit(&a).await.is_ok());
+        assert!(limiter.admit(&a).await.is_err());
+        assert!(limiter.admit(&a).await.is_err());
+        // Not through the client: the user's bucket lost only the one admitted token.
+        let grant = limiter.admit(&identity("a", None)).await.unwrap();
+        assert_eq!(grant.headers.remaining, 0);
+        clock.0.fetch_add(1_000_000, Ordering::SeqCst);
+        assert!(limiter.admit(&a).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_daily_quota_answers_with_the_time_until_utc_midnight() {
+        let (limiter, clock) = limiter(limits(5, 1.0, 1), limits(5, 1.0, 100));
+        let a = identity("a", None);
+        assert!(limiter.admit(&a).await.is_ok());
+        let refusal = limiter.admit(&a).await.unwrap_err();
+        let LimitError::DailyQuotaExceeded { retry_after, .. } = refusal else {
+            panic!("quota, got {refusal:?}");
+        };
+        assert_eq!(retry_after, Duration::from_secs(60));
+        let mut headers = HeaderMap::new();
+        refusal.write_headers(&mut headers);
+        assert_eq!(headers["retry-after"], "60");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "5");
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "4");
+        assert_eq!(headers["x-ratelimit-reset-requests"], "1s");
+        clock.0.fetch_add(60_000_000, Ordering::SeqCst);
+        assert!(limiter.admit(&a).await.is_ok());
+    }
 
     #[test]
     fn durations_use_openai_form() {

@@ -1,4 +1,6 @@
 //! Forwarding: the headers each way, status pass-through, and the upstream's failures.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
 mod common;
 
 use std::time::Duration;

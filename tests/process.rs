@@ -1,4 +1,6 @@
 //! The binary: configuration errors, startup logs, and the drain on SIGTERM.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,4 +1,6 @@
 //! Routes: health, models, 404 and 405 in the envelope, request ids on every response.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
 mod common;
 
 use common::{MockUpstream, TestApp, error_of, jwt};

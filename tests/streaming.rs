@@ -1,5 +1,7 @@
 //! Streaming: chunks cross as they arrive, failures after the headers cut the stream,
 //! and a client that leaves cancels the upstream call.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,6 @@
 //! Request validation over HTTP, and the order of checks.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
 mod common;
 
 use common::{CHAT, MockUpstream, TestApp, error_of, jwt};

@@ -76,8 +76,7 @@ impl HmacVerifier {
             .ok_or(AuthError::InvalidSignature)?;
         let timestamp = self.check_timestamp(signed.timestamp)?;
         let signature = decode_signature(signed.signature).ok_or(AuthError::InvalidSignature)?;
-        let mut mac = HmacSha256::new_from_slice(secret.expose()).expect("HMAC takes keys of any length");
-        for part in [
+        let parts = [
             signed.timestamp,
             method.as_str(),
             path,
@@ -85,13 +84,8 @@ impl HmacVerifier {
             signed.product,
             signed.user,
             signed.nonce,
-        ] {
-            mac.update(part.as_bytes());
-            mac.update(b"\n");
-        }
-        let mut body_hash = [0u8; 64];
-        hex::encode_to_slice(Sha256::digest(body), &mut body_hash).expect("64 hex digits for 32 bytes");
-        mac.update(&body_hash);
+        ];
+        let mac = mac_of(secret.expose(), parts, body);
         // `verify_slice` compares in constant time.
         mac.verify_slice(&signature).map_err(|_| AuthError::InvalidSignature)?;
 
@@ -163,6 +157,21 @@ impl HmacVerifier {
     }
 }
 
+/// HMAC-SHA256 over the contract's string to sign: `parts` (timestamp, method, path,
+/// client, product, user, nonce) each followed by a newline, then hex(sha256(body)).
+/// Fed piece by piece, so the string is never built.
+fn mac_of(secret: &[u8], parts: [&str; 7], body: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part.as_bytes());
+        mac.update(b"\n");
+    }
+    let mut body_hash = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(body), &mut body_hash).expect("64 hex digits for 32 bytes");
+    mac.update(&body_hash);
+    mac
+}
+
 /// 16 to 128 characters of `[A-Za-z0-9_-]`.
 fn is_valid_nonce(nonce: &str) -> bool {
     (16..=128).contains(&nonce.len())
@@ -185,6 +194,25 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_worked_example_signs_as_documented() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"Hello"}]}"#;
+        let parts = [
+            "1764067200",
+            "POST",
+            "/v1/chat/completions",
+            "desktop-app",
+            "notes",
+            "user-42",
+            "Zx8kq2LwP0aVb7Nc4Rt9Ys1M",
+        ];
+        let mac = mac_of(b"an-example-secret-of-at-least-32-bytes!", parts, body);
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            "7366d46a7a9a3fa02a2ee73d6a3e049158f75a69f50ce5a1b0105a0f434a0687"
+        );
+    }
 
     #[test]
     fn nonce_format() {

@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
 use crate::settings::{JwtSettings, Secret};
 
@@ -88,6 +89,8 @@ pub struct JwtVerifier {
     products: HashSet<Arc<str>>,
     max_ttl: f64,
     leeway: f64,
+    /// Tokens that verified, so a token sent again costs a hash, not an RSA verification.
+    cache: TokenCache,
 }
 
 impl JwtVerifier {
@@ -101,13 +104,18 @@ impl JwtVerifier {
         validation.required_spec_claims.clear();
         validation.leeway = settings.leeway.as_secs();
         match &settings.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                // jsonwebtoken checks a claim's value only when the claim is present.
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
             // Since jsonwebtoken 9 a token with `aud` is refused when no audience is set;
             // the contract ignores `aud` then.
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = &settings.issuer {
             validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
         }
         Self {
             keys: settings.keys.clone(),
@@ -115,6 +123,7 @@ impl JwtVerifier {
             products: products.keys().cloned().collect(),
             max_ttl: settings.max_ttl.as_secs_f64(),
             leeway: settings.leeway.as_secs_f64(),
+            cache: TokenCache::default(),
         }
     }
 
@@ -124,6 +133,15 @@ impl JwtVerifier {
             return Err(AuthError::InvalidToken);
         };
         let token = bearer_token(value).ok_or(AuthError::InvalidToken)?;
+        let now = now();
+        // Only verified tokens are cached; `exp` and `nbf` are checked again on every hit.
+        if let Some(hit) = self.cache.get(token, now, self.leeway) {
+            return Ok(Identity {
+                product: hit.product,
+                user: hit.user.as_ref().into(),
+                client: None,
+            });
+        }
 
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken)?;
         if header.alg != Algorithm::RS256 {
@@ -145,12 +163,22 @@ impl JwtVerifier {
         if user.is_empty() {
             return Err(AuthError::InvalidToken);
         }
-        self.check_times(now(), exp, iat, claims.nbf)?;
+        self.check_times(now, exp, iat, claims.nbf)?;
         let product = self
             .products
             .get(product.as_str())
             .ok_or(AuthError::ProductNotAllowed)?
             .clone();
+        self.cache.insert(
+            token,
+            Cached {
+                product: product.clone(),
+                user: Arc::from(user.as_str()),
+                exp,
+                nbf: claims.nbf,
+            },
+            now,
+        );
         Ok(Identity {
             product,
             user: user.into_boxed_str(),

@@ -7,6 +7,8 @@
     clippy::too_many_arguments
 )]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;

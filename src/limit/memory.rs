@@ -1,0 +1,394 @@
+//! The in-memory limiter: the bucket and day arithmetic, and a bounded, sharded map of
+//! identities. It decides when Redis is not configured or not answering.
+//!
+//! Each decision runs under one shard's `std::sync::Mutex` and never across an `.await`,
+//! so N concurrent requests of one identity admit exactly what the bucket holds. It must
+//! never grow without bound: idle identities are swept and a hard cap evicts the least
+//! recently admitted ones (see [`MAX_ENTRIES`]).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{Decision, Key, Outcome, RateLimitHeaders};
+use crate::settings::Limits;
+
+const MICROS_PER_SECOND: f64 = 1_000_000.0;
+const SECONDS_PER_DAY: u64 = 86_400;
+
+/// The most identities held at once, all shards together. An entry costs roughly
+/// 150-250 bytes (key strings, the entry, the map's slot), so the cap bounds the limiter
+/// near 30 MB, well inside a 512 MiB Cloud Run instance, while still holding every
+/// identity of a busy day's traffic per instance. Past it, a flood of distinct users
+/// evicts the least recently admitted identities: they restart from a full bucket and a
+/// zero count, the cheapest state to lose (an identity busy right now keeps its state).
+pub(crate) const MAX_ENTRIES: usize = 131_072;
+const SHARDS: usize = 32;
+const SHARD_CAP: usize = MAX_ENTRIES / SHARDS;
+/// A shard sweeps its idle entries when it grows to this size, then when it doubles.
+const FIRST_SWEEP: usize = 256;
+
+/// One identity's state: its bucket and its daily counter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Entry {
+    /// Tokens at `at_us` (fractional).
+    pub tokens: f64,
+    /// Unix microseconds of the last admitted request.
+    pub at_us: u64,
+    /// When the bucket is full again (unix microseconds): from then on it carries no state.
+    pub full_at_us: u64,
+    /// The UTC day (days since the epoch) `used` counts.
+    pub day: u64,
+    pub used: u64,
+}
+
+impl Entry {
+    /// True when forgetting this entry changes no future decision.
+    fn is_idle(&self, now_us: u64) -> bool {
+        now_us >= self.full_at_us && self.day < now_us / 1_000_000 / SECONDS_PER_DAY
+    }
+}
+
+/// One decision on an identity's bucket and daily counter at `now_us` (unix
+/// microseconds). Returns the decision and the entry to store when admitted (a refusal
+/// takes nothing: the state stays as it was).
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "token counts and microsecond spans are far below 2^52; floats are floored/ceiled on purpose"
+)]
+pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64) -> (Decision, Option<Entry>) {
+    let capacity = f64::from(limits.capacity.get());
+    let rate = limits.refill_per_second;
+    let today = now_us / 1_000_000 / SECONDS_PER_DAY;
+    let (tokens, used) = match entry {
+        None => (capacity, 0),
+        Some(e) => {
+            // A clock that steps back refills nothing rather than taking tokens away.
+            let elapsed = now_us.saturating_sub(e.at_us) as f64 / MICROS_PER_SECOND;
+            let tokens = (e.tokens + elapsed * rate).min(capacity);
+            (tokens, if e.day == today { e.used } else { 0 })
+        }
+    };
+    let headers = |tokens: f64| RateLimitHeaders {
+        limit: limits.capacity.get(),
+        remaining: tokens.max(0.0).floor() as u32,
+        reset: Duration::from_secs_f64(((capacity - tokens) / rate).max(0.0)),
+    };
+    // When both refuse, the daily quota answers (contract: "Order of checks").
+    if used >= limits.daily_quota.get() {
+        let midnight_us = (today + 1) * SECONDS_PER_DAY * 1_000_000;
+        let decision = Decision {
+            outcome: Outcome::QuotaExceeded,
+            headers: headers(tokens),
+            retry_after: Duration::from_micros(midnight_us - now_us),
+        };
+        return (decision, None);
+    }
+    if tokens < 1.0 {
+        let decision = Decision {
+            outcome: Outcome::RateLimited,
+            headers: headers(tokens),
+            retry_after: Duration::from_secs_f64((1.0 - tokens) / rate),
+        };
+        return (decision, None);
+    }
+    let tokens = tokens - 1.0;
+    let to_full_us = ((capacity - tokens) / rate * MICROS_PER_SECOND).ceil();
+    let entry = Entry {
+        tokens,
+        at_us: now_us,
+        full_at_us: now_us.saturating_add(to_full_us.min(u64::MAX as f64) as u64),
+        day: today,
+        used: used + 1,
+    };
+    let decision = Decision {
+        outcome: Outcome::Admitted,
+        headers: headers(tokens),
+        retry_after: Duration::ZERO,
+    };
+    (decision, Some(entry))
+}
+
+struct Shard {
+    entries: HashMap<Key, Entry>,
+    /// The size at which the next insert sweeps idle entries first.
+    sweep_at: usize,
+}
+
+/// Buckets and daily counters of every identity this instance decided in memory.
+pub(crate) struct MemoryLimiter {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryLimiter {
+    pub fn new() -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    entries: HashMap::new(),
+                    sweep_at: FIRST_SWEEP,
+                })
+            })
+            .collect();
+        Self {
+            shards,
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Decides one request of `key` at `now_us` (unix microseconds).
+    pub fn decide(&self, key: &Key, limits: &Limits, now_us: u64) -> Decision {
+        let mut shard = self.shard(key);
+        let (decision, entry) = step(shard.entries.get(key), limits, now_us);
+        if let Some(entry) = entry {
+            if let Some(slot) = shard.entries.get_mut(key) {
+                *slot = entry;
+            } else {
+                shard.make_room(now_us);
+                shard.entries.insert(key.clone(), entry);
+            }
+        }
+        decision
+    }
+
+    /// Identities currently held (all shards).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).entries.len()).sum()
+    }
+
+    fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
+        #[allow(clippy::cast_possible_truncation, reason = "only the low bits pick a shard")]
+        let index = self.hasher.hash_one(key) as usize % SHARDS;
+        lock(&self.shards[index])
+    }
+}
+
+impl Shard {
+    /// Before inserting a new identity: sweep idle entries when the shard has grown
+    /// (amortised: the threshold doubles), and evict the least recently admitted eighth
+    /// when it is still at its cap.
+    fn make_room(&mut self, now_us: u64) {
+        if self.entries.len() < self.sweep_at {
+            return;
+        }
+        self.entries.retain(|_, e| !e.is_idle(now_us));
+        if self.entries.len() >= SHARD_CAP {
+            let mut ages: Vec<u64> = self.entries.values().map(|e| e.at_us).collect();
+            let cut = SHARD_CAP / 8;
+            let (_, nth, _) = ages.select_nth_unstable(cut);
+            let oldest_kept = *nth;
+            self.entries.retain(|_, e| e.at_us > oldest_kept);
+        }
+        self.sweep_at = (self.entries.len() * 2).clamp(FIRST_SWEEP, SHARD_CAP);
+    }
+}
+
+/// A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::num::{NonZeroU32, NonZeroU64};
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SEC: u64 = 1_000_000;
+    /// 2024-05-01T12:00:00Z in microseconds.
+    const NOON: u64 = (19_844 * SECONDS_PER_DAY + 12 * 3600) * SEC;
+
+    fn limits(capacity: u32, rate: f64, quota: u64) -> Limits {
+        Limits {
+            capacity: NonZeroU32::new(capacity).unwrap(),
+            refill_per_second: rate,
+            daily_quota: NonZeroU64::new(quota).unwrap(),
+        }
+    }
+
+    fn user(name: &str) -> Key {
+        Key::User {
+            product: Arc::from("demo"),
+            user: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_burst_admits_capacity_then_refuses_until_a_token_refills() {
+        let m = MemoryLimiter::new();
+        let l = limits(3, 0.5, 1000);
+        for left in [2, 1, 0] {
+            let d = m.decide(&user("a"), &l, NOON);
+            assert_eq!(d.outcome, Outcome::Admitted);
+            assert_eq!(d.headers.remaining, left);
+            assert_eq!(d.headers.limit, 3);
+        }
+        let d = m.decide(&user("a"), &l, NOON);
+        assert_eq!(d.outcome, Outcome::RateLimited);
+        assert_eq!(d.retry_after, Duration::from_secs(2));
+        assert_eq!(d.headers.reset, Duration::from_secs(6));
+        // 1.5 s later: 0.75 token, still refused, 0.5 s to go.
+        let d = m.decide(&user("a"), &l, NOON + 3 * SEC / 2);
+        assert_eq!(d.outcome, Outcome::RateLimited);
+        assert_eq!(d.retry_after, Duration::from_millis(500));
+        let d = m.decide(&user("a"), &l, NOON + 2 * SEC);
+        assert_eq!(d.outcome, Outcome::Admitted);
+        assert_eq!(d.headers.remaining, 0);
+    }
+
+    #[test]
+    fn fractional_refill_accumulates() {
+        let m = MemoryLimiter::new();
+        let l = limits(1, 0.25, 1000);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        for s in 1..4 {
+            assert_eq!(m.decide(&user("a"), &l, NOON + s * SEC).outcome, Outcome::RateLimited);
+        }
+        assert_eq!(m.decide(&user("a"), &l, NOON + 4 * SEC).outcome, Outcome::Admitted);
+    }
+
+    #[test]
+    fn the_daily_quota_refuses_until_utc_midnight_and_then_resets() {
+        let m = MemoryLimiter::new();
+        let l = limits(100, 100.0, 2);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        let d = m.decide(&user("a"), &l, NOON);
+        assert_eq!(d.outcome, Outcome::QuotaExceeded);
+        assert_eq!(d.retry_after, Duration::from_secs(12 * 3600));
+        let midnight = NOON + 12 * 3600 * SEC;
+        assert_eq!(m.decide(&user("a"), &l, midnight - 1).outcome, Outcome::QuotaExceeded);
+        assert_eq!(m.decide(&user("a"), &l, midnight).outcome, Outcome::Admitted);
+    }
+
+    #[test]
+    fn when_both_refuse_the_quota_answers_and_nothing_is_taken() {
+        let m = MemoryLimiter::new();
+        let l = limits(1, 1.0, 1);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        let d = m.decide(&user("a"), &l, NOON);
+        assert_eq!(d.outcome, Outcome::QuotaExceeded);
+        // Next day, the bucket was not charged by the refusals.
+        let d = m.decide(&user("a"), &l, NOON + 12 * 3600 * SEC);
+        assert_eq!(d.outcome, Outcome::Admitted);
+    }
+
+    #[test]
+    fn identities_are_independent() {
+        let m = MemoryLimiter::new();
+        let l = limits(1, 0.001, 1000);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::RateLimited);
+        assert_eq!(m.decide(&user("b"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(
+            m.decide(&Key::Client(Arc::from("a")), &l, NOON).outcome,
+            Outcome::Admitted
+        );
+    }
+
+    #[test]
+    fn a_clock_stepping_back_refills_nothing() {
+        let m = MemoryLimiter::new();
+        let l = limits(1, 1.0, 1000);
+        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&user("a"), &l, NOON - 10 * SEC).outcome, Outcome::RateLimited);
+    }
+
+    #[test]
+    fn idle_identities_are_swept_and_a_flood_stays_under_the_cap() {
+        let m = MemoryLimiter::new();
+        let l = limits(2, 1.0, 1_000_000);
+        // Yesterday's identities, full again: swept as new ones arrive.
+        for i in 0..5_000 {
+            m.decide(&user(&format!("old-{i}")), &l, NOON - SECONDS_PER_DAY * SEC);
+        }
+        for i in 0..5_000 {
+            m.decide(&user(&format!("new-{i}")), &l, NOON);
+        }
+        assert!(m.len() < 6_000, "idle identities were swept: {} left", m.len());
+        // A flood of distinct users within one day cannot pass the cap.
+        for i in 0..(MAX_ENTRIES + MAX_ENTRIES / 2) {
+            let now = NOON + i as u64;
+            m.decide(&user(&format!("flood-{i}")), &l, now);
+        }
+        assert!(m.len() <= MAX_ENTRIES, "{} entries", m.len());
+        // The identity admitted last is still limited.
+        let last = user(&format!("flood-{}", MAX_ENTRIES + MAX_ENTRIES / 2 - 1));
+        let now = NOON + (MAX_ENTRIES + MAX_ENTRIES / 2) as u64;
+        assert_eq!(m.decide(&last, &l, now).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&last, &l, now).outcome, Outcome::RateLimited);
+    }
+
+    #[test]
+    fn concurrent_requests_admit_exactly_the_capacity() {
+        let m = Arc::new(MemoryLimiter::new());
+        let l = limits(10, 1e-6, 1000);
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..25 {
+                        if m.decide(&user("a"), &l, NOON).outcome == Outcome::Admitted {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 10);
+    }
+
+    proptest! {
+        /// Over any schedule, a bucket admits at most capacity + rate x elapsed, and each
+        /// refusal says when a token will be there.
+        #[test]
+        fn never_admits_more_than_capacity_plus_refill(
+            capacity in 1u32..50,
+            rate in 0.01f64..100.0,
+            gaps in proptest::collection::vec(0u64..3_000_000, 1..200),
+        ) {
+            let l = limits(capacity, rate, u64::MAX);
+            let mut entry: Option<Entry> = None;
+            let mut now = NOON;
+            let mut admitted = 0u64;
+            for gap in gaps {
+                now += gap;
+                let (d, next) = step(entry.as_ref(), &l, now);
+                match d.outcome {
+                    Outcome::Admitted => {
+                        admitted += 1;
+                        prop_assert!(next.is_some());
+                        entry = next;
+                    }
+                    Outcome::RateLimited => {
+                        prop_assert!(next.is_none());
+                        prop_assert!(d.retry_after > Duration::ZERO);
+                        prop_assert!(d.retry_after.as_secs_f64() <= 1.0 / rate + 1e-6);
+                    }
+                    Outcome::QuotaExceeded => prop_assert!(false, "no quota here"),
+                }
+                #[allow(clippy::cast_precision_loss)]
+                let bound = f64::from(capacity) + rate * (now - NOON) as f64 / 1e6;
+                #[allow(clippy::cast_precision_loss)]
+                let admitted_f = admitted as f64;
+                prop_assert!(admitted_f <= bound + 1e-6, "admitted {} > {}", admitted, bound);
+                prop_assert!(d.headers.remaining <= capacity);
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Rate limits and daily quotas over HTTP, decided in memory (no Redis configured).
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, error_of, hmac_sign, jwt, nonce, now};
+
+const PATH: &str = "/v1/chat/completions";
+
+async fn chat_as(app: &TestApp, product: &str, user: &str) -> reqwest::Response {
+    app.client
+        .post(app.url(PATH))
+        .bearer_auth(jwt(product, user))
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A request signed by HMAC client `desk` on behalf of `user` of product `demo`.
+async fn chat_signed(app: &TestApp, user: &str) -> reqwest::Response {
+    let signed = hmac_sign(
+        HMAC_SECRET,
+        "POST",
+        PATH,
+        CLIENT,
+        PRODUCT,
+        user,
+        Some(&nonce()),
+        now(),
+        CHAT.as_bytes(),
+    );
+    signed
+        .apply(app.client.post(app.url(PATH)))
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn seconds_to_utc_midnight() -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    86_400 - now % 86_400
+}
+
+#[tokio::test]
+async fn a_burst_past_capacity_gets_429_with_retry_after_and_the_bucket_headers() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("RATE_LIMIT_CAPACITY", "3"), ("RATE_LIMIT_REFILL_PER_SECOND", "0.5")],
+    )
+    .await;
+    for (remaining, reset) in [("2", "2s"), ("1", "4s"), ("0", "6s")] {
+        let response = chat_as(&app, PRODUCT, "alice").await;
+        assert_eq!(response.status(), 200);
+        // Ours, not the upstream's organisation limits (the mock sends 99999).
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), "3");
+        assert_eq!(header(&response, "x-ratelimit-remaining-requests"), remaining);
+        assert_eq!(header(&response, "x-ratelimit-reset-requests"), reset);
+    }
+    let response = chat_as(&app, PRODUCT, "alice").await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "retry-after"), "2");
+    assert_eq!(header(&response, "x-should-retry"), "true");
+    assert_eq!(header(&response, "x-ratelimit-limit-requests"), "3");
+    assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(header(&response, "x-ratelimit-reset-requests"), "6s");
+    let (kind, code, _) = error_of(response).await;
+    assert_eq!(
+        (kind.as_str(), code.as_str()),
+        ("rate_limit_error", "rate_limit_exceeded")
+    );
+    assert_eq!(
+        upstream.requests().len(),
+        3,
+        "a refused request never reaches the upstream"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_bucket_refills_at_its_rate() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("RATE_LIMIT_CAPACITY", "2"), ("RATE_LIMIT_REFILL_PER_SECOND", "20")],
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    }
+    let refused = chat_as(&app, PRODUCT, "alice").await;
+    assert_eq!(refused.status(), 429);
+    // 50 ms until a token: whole seconds, at least 1.
+    assert_eq!(header(&refused, "retry-after"), "1");
+    // Time passing is the point here, not synchronisation: one token takes 50 ms.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_daily_quota_refuses_until_utc_midnight() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(&upstream.url(), &[("DAILY_QUOTA", "2")]).await;
+    for _ in 0..2 {
+        assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    }
+    let response = chat_as(&app, PRODUCT, "alice").await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-should-retry"), "false");
+    let retry_after: u64 = header(&response, "retry-after").parse().unwrap();
+    assert!(
+        retry_after.abs_diff(seconds_to_utc_midnight()) <= 2,
+        "Retry-After {retry_after}"
+    );
+    let (kind, code, _) = error_of(response).await;
+    assert_eq!(
+        (kind.as_str(), code.as_str()),
+        ("rate_limit_error", "daily_quota_exceeded")
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn when_bucket_and_quota_both_refuse_the_quota_answers() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[
+            ("RATE_LIMIT_CAPACITY", "1"),
+            ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+            ("DAILY_QUOTA", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    let (_, code, _) = error_of(chat_as(&app, PRODUCT, "alice").await).await;
+    assert_eq!(code, "daily_quota_exceeded");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn identities_have_their_own_limits() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("RATE_LIMIT_CAPACITY", "1"), ("RATE_LIMIT_REFILL_PER_SECOND", "0.001")],
+    )
+    .await;
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 429);
+    assert_eq!(chat_as(&app, PRODUCT, "bob").await.status(), 200);
+    assert_eq!(chat_as(&app, "other", "alice").await.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn product_limits_override_the_defaults_for_that_product() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[
+            ("RATE_LIMIT_CAPACITY", "3"),
+            ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+            ("PRODUCT_LIMITS", r#"{"other":{"capacity":1}}"#),
+        ],
+    )
+    .await;
+    assert_eq!(chat_as(&app, "other", "alice").await.status(), 200);
+    let refused = chat_as(&app, "other", "alice").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-limit-requests"), "1");
+    for _ in 0..3 {
+        assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    }
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 429);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_limits_bound_all_users_of_an_hmac_client_and_count_requests_the_user_refuses() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[
+            ("RATE_LIMIT_CAPACITY", "1"),
+            ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+            ("CLIENT_LIMITS", r#"{"desk":{"capacity":4,"refill_per_second":0.001}}"#),
+        ],
+    )
+    .await;
+    let first = chat_signed(&app, "alice").await;
+    assert_eq!(first.status(), 200);
+    // The (product, user) bucket's headers on success.
+    assert_eq!(header(&first, "x-ratelimit-limit-requests"), "1");
+    // alice's own bucket refuses; the client's unit is spent all the same.
+    let refused = chat_signed(&app, "alice").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-limit-requests"), "1");
+    assert_eq!(chat_signed(&app, "bob").await.status(), 200);
+    assert_eq!(chat_signed(&app, "carol").await.status(), 200);
+    // Four units spent: the client's bucket refuses dave, with its own figures.
+    let refused = chat_signed(&app, "dave").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-limit-requests"), "4");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(error_of(refused).await.1, "rate_limit_exceeded");
+    // dave's own bucket was not consulted: with a JWT (no client) dave is admitted.
+    assert_eq!(chat_as(&app, PRODUCT, "dave").await.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_admit_exactly_the_capacity() {
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("RATE_LIMIT_CAPACITY", "10"), ("RATE_LIMIT_REFILL_PER_SECOND", "0.001")],
+    )
+    .await;
+    let statuses = burst(&app, 50).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 40, "{statuses:?}");
+    app.shutdown().await;
+}
+
+/// `n` simultaneous requests of (demo, alice); their statuses.
+async fn burst(app: &TestApp, n: usize) -> Vec<u16> {
+    let token = jwt(PRODUCT, "alice");
+    let requests = (0..n).map(|_| app.client.post(app.url(PATH)).bearer_auth(&token).body(CHAT).send());
+    futures_join_all(requests).await
+}
+
+async fn futures_join_all<F>(requests: impl Iterator<Item = F>) -> Vec<u16>
+where
+    F: Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static,
+{
+    let tasks: Vec<_> = requests.map(tokio::spawn).collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap().unwrap().status().as_u16());
+    }
+    statuses
+}

@@ -1,0 +1,341 @@
+//! Limits shared through a real `redis-server` over HTTP: one combined limit for every
+//! instance, exact under concurrency, keys with the prefix, a hash tag and a TTL, and
+//! memory decisions while Redis is absent, down, then back.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::redis::{RedisCluster, RedisServer, free_port};
+use common::{
+    CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, ServerProcess, TestApp, base_env, error_of, hmac_sign, jwt,
+    nonce, now, set,
+};
+
+const PATH: &str = "/v1/chat/completions";
+/// Generous, so a loaded test machine does not turn a slow answer into a memory decision.
+const TIMEOUT_MS: &str = "1000";
+
+async fn chat_as(app: &TestApp, user: &str) -> reqwest::Response {
+    app.client
+        .post(app.url(PATH))
+        .bearer_auth(jwt(PRODUCT, user))
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers()[name].to_str().unwrap().to_owned()
+}
+
+async fn spawn(upstream: &MockUpstream, url: &str, extra: &[(&str, &str)]) -> TestApp {
+    let mut overrides = vec![
+        ("REDIS_URL", url),
+        ("REDIS_TIMEOUT_MS", TIMEOUT_MS),
+        ("RATE_LIMIT_CAPACITY", "3"),
+        ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+    ];
+    overrides.extend_from_slice(extra);
+    TestApp::spawn(&upstream.url(), &overrides).await
+}
+
+/// Three admitted through `a`, then `b` refuses: one bucket for both instances.
+async fn assert_one_combined_limit(a: &TestApp, b: &TestApp, user: &str) {
+    for remaining in ["2", "1"] {
+        let response = chat_as(a, user).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-remaining-requests"), remaining);
+    }
+    let third = chat_as(b, user).await;
+    assert_eq!(third.status(), 200, "b sees a's two requests");
+    assert_eq!(header(&third, "x-ratelimit-remaining-requests"), "0");
+    for app in [a, b] {
+        let refused = chat_as(app, user).await;
+        assert_eq!(refused.status(), 429);
+        assert_eq!(error_of(refused).await.1, "rate_limit_exceeded");
+    }
+}
+
+/// Sends requests of fresh users until `done` holds (bounded: 10 s).
+async fn until(app: &TestApp, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        let status = chat_as(app, &format!("probe-{n}")).await.status();
+        assert!(!status.is_server_error(), "{status} while waiting for {what}");
+        if done() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_instances_on_one_redis_enforce_one_combined_limit() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let a = spawn(&upstream, &redis.url(), &[]).await;
+    let b = spawn(&upstream, &redis.url(), &[]).await;
+    assert_one_combined_limit(&a, &b, "alice").await;
+    // Other identities are untouched.
+    assert_eq!(chat_as(&b, "bob").await.status(), 200);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_two_instances_admit_exactly_the_capacity() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let extra = [("RATE_LIMIT_CAPACITY", "10")];
+    let a = spawn(&upstream, &redis.url(), &extra).await;
+    let b = spawn(&upstream, &redis.url(), &extra).await;
+    let token = jwt(PRODUCT, "alice");
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let app = if i % 2 == 0 { &a } else { &b };
+            tokio::spawn(app.client.post(app.url(PATH)).bearer_auth(&token).body(CHAT).send())
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap().unwrap().status().as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 40, "{statuses:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_use_the_prefix_one_hash_tag_per_identity_and_expire() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let app = spawn(
+        &upstream,
+        &redis.url(),
+        &[
+            ("REDIS_PREFIX", "akstest"),
+            ("RATE_LIMIT_REFILL_PER_SECOND", "0.5"),
+            ("CLIENT_LIMITS", r#"{"desk":{"capacity":5}}"#),
+        ],
+    )
+    .await;
+    assert_eq!(chat_as(&app, "alice").await.status(), 200);
+    let nonce = nonce();
+    let signed = hmac_sign(
+        HMAC_SECRET,
+        "POST",
+        PATH,
+        CLIENT,
+        PRODUCT,
+        "bob",
+        Some(&nonce),
+        now(),
+        CHAT.as_bytes(),
+    );
+    let response = signed
+        .apply(app.client.post(app.url(PATH)))
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Ids are hex-encoded: "demo" 64656d6f, "alice" 616c696365, "bob" 626f62, "desk" 6465736b.
+    let mut keys = redis.keys();
+    keys.sort();
+    let nonce_key = format!("akstest:{{c:x6465736b}}:nonce:x{}", hex::encode(&nonce));
+    let mut expected = vec![
+        "akstest:{c:x6465736b}:bucket".to_owned(),
+        "akstest:{c:x6465736b}:day".to_owned(),
+        nonce_key.clone(),
+        "akstest:{p:x64656d6f:u:x616c696365}:bucket".to_owned(),
+        "akstest:{p:x64656d6f:u:x616c696365}:day".to_owned(),
+        "akstest:{p:x64656d6f:u:x626f62}:bucket".to_owned(),
+        "akstest:{p:x64656d6f:u:x626f62}:day".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected);
+
+    let ttl = |key: &str| -> i64 { redis.cli(&["TTL", key]).parse().unwrap() };
+    // The bucket lives until it would be full again: one token at 0.5/s is 2 s (+1 s margin).
+    let bucket = ttl("akstest:{p:x64656d6f:u:x616c696365}:bucket");
+    assert!((1..=3).contains(&bucket), "bucket TTL {bucket}");
+    // The day counter lives until the next UTC midnight plus a margin.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let midnight = i64::try_from(86_400 - now % 86_400).unwrap();
+    let day = ttl("akstest:{p:x64656d6f:u:x616c696365}:day");
+    assert!(
+        day > midnight && day <= midnight + 3_600 + 2,
+        "day TTL {day}, midnight in {midnight}"
+    );
+    // The nonce lives at least twice the clock tolerance.
+    let nonce_ttl = ttl(&nonce_key);
+    assert!(nonce_ttl > 0, "nonce TTL {nonce_ttl}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_daily_quota_is_shared_and_refuses_until_utc_midnight() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let extra = [("RATE_LIMIT_CAPACITY", "100"), ("DAILY_QUOTA", "2")];
+    let a = spawn(&upstream, &redis.url(), &extra).await;
+    let b = spawn(&upstream, &redis.url(), &extra).await;
+    assert_eq!(chat_as(&a, "alice").await.status(), 200);
+    assert_eq!(chat_as(&b, "alice").await.status(), 200);
+    let refused = chat_as(&a, "alice").await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = header(&refused, "retry-after").parse().unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    assert!(
+        retry_after.abs_diff(86_400 - now % 86_400) <= 2,
+        "Retry-After {retry_after}"
+    );
+    assert_eq!(error_of(refused).await.1, "daily_quota_exceeded");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_killed_mid_traffic_falls_back_to_memory_and_is_used_again_once_back() {
+    let mut redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let app = spawn(&upstream, &redis.url(), &[]).await;
+    assert_eq!(chat_as(&app, "alice").await.status(), 200);
+    assert!(!redis.keys().is_empty(), "Redis decides while it is up");
+
+    redis.kill();
+    // Memory decides: never a 5xx, and the limit still holds (a fresh bucket of 3).
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(chat_as(&app, "carol").await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+
+    redis.restart();
+    assert!(redis.keys().is_empty(), "a restarted Redis starts empty");
+    until(&app, "limits back in Redis", || !redis.keys().is_empty()).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_absent_at_startup_neither_delays_it_nor_fails_requests() {
+    let upstream = MockUpstream::openai().await;
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let app = spawn(&upstream, &url, &[]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "startup took {:?}",
+        started.elapsed()
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(chat_as(&app, "alice").await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429], "memory limits apply");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "requests waited: {:?}",
+        started.elapsed()
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_shares_limits_between_two_instances() {
+    let cluster = RedisCluster::start();
+    let upstream = MockUpstream::openai().await;
+    let extra = [("REDIS_CLUSTER", "true")];
+    let a = spawn(&upstream, &cluster.url(), &extra).await;
+    let b = spawn(&upstream, &cluster.url(), &extra).await;
+    assert_one_combined_limit(&a, &b, "alice").await;
+    // Identities spread over the nodes, each decision within one slot.
+    for n in 0..20 {
+        assert_eq!(chat_as(&a, &format!("user-{n}")).await.status(), 200);
+        assert_eq!(chat_as(&b, &format!("user-{n}")).await.status(), 200);
+    }
+    let keys = cluster.keys();
+    assert_eq!(keys.len(), 2 * 21, "{keys:?}");
+    assert!(cluster.nodes.iter().filter(|n| !n.keys().is_empty()).count() >= 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_redis_with_a_private_ca_is_used() {
+    let redis = RedisServer::start_tls();
+    let ca = redis.tls.as_ref().unwrap().ca_pem();
+    let upstream = MockUpstream::openai().await;
+    let extra = [("REDIS_CA_CERT", ca.as_str())];
+    let a = spawn(&upstream, &redis.url(), &extra).await;
+    let b = spawn(&upstream, &redis.url(), &extra).await;
+    assert!(redis.url().starts_with("rediss://"));
+    // Shared only if both verified the server with the CA and decided in Redis.
+    assert_one_combined_limit(&a, &b, "alice").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_password_url_works_and_outages_are_logged_once_without_the_password() {
+    const PASSWORD: &str = "hunter2-redis-password";
+    let mut redis = RedisServer::start_with_password(PASSWORD);
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    for (name, value) in [
+        ("REDIS_URL", redis.url().as_str()),
+        ("REDIS_TIMEOUT_MS", TIMEOUT_MS),
+        ("RATE_LIMIT_CAPACITY", "3"),
+        ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+    ] {
+        set(&mut env, name, value);
+    }
+    let server = ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let chat = |user: String| {
+        client
+            .post(server.url(PATH))
+            .bearer_auth(jwt(PRODUCT, &user))
+            .body(CHAT)
+            .send()
+    };
+    assert_eq!(chat("alice".to_owned()).await.unwrap().status(), 200);
+    assert_eq!(
+        redis.keys().len(),
+        2,
+        "decided in Redis, authenticated with the password"
+    );
+
+    redis.kill();
+    for n in 0..5 {
+        let status = chat(format!("down-{n}")).await.unwrap().status();
+        assert_eq!(status, 200, "memory decides while Redis is down");
+    }
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        assert_eq!(chat(format!("back-{n}")).await.unwrap().status(), 200);
+        if !redis.keys().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis not used again within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The log lines are written before the responses that follow them.
+    let output = server.output();
+    assert!(!output.contains(PASSWORD), "the Redis password was logged:\n{output}");
+    let count = |needle: &str| output.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("Redis unavailable"), 1, "one warning on fallback:\n{output}");
+    assert_eq!(count("Redis answers again"), 1, "one line when back:\n{output}");
+    assert_eq!(
+        count("Redis still unavailable"),
+        0,
+        "at most one error line a minute:\n{output}"
+    );
+}
