@@ -48,7 +48,7 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log_format, settings.gcp_project_id.as_deref());
+    telemetry::init_with_project(settings.log_format, settings.gcp_project_id.as_deref());
     for name in &warnings.unknown_variables {
         tracing::warn!(variable = %name, "unknown setting ignored (a typo?)");
     }

@@ -31,11 +31,17 @@ use crate::error::ErrorCode;
 use crate::metrics;
 use crate::settings::LogFormat;
 
+/// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout,
+/// without trace links (see [`init_with_project`]).
+pub fn init(format: LogFormat) {
+    init_with_project(format, None);
+}
+
 /// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout.
 ///
 /// `Json` writes Cloud Logging's structured lines; with `gcp_project_id` the request line
 /// links to the request's trace. `Text` is for humans (colours only on a terminal).
-pub fn init(format: LogFormat, gcp_project_id: Option<&str>) {
+pub fn init_with_project(format: LogFormat, gcp_project_id: Option<&str>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
