@@ -130,6 +130,14 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
             1.0,
         ),
         ("api_key_server_upstream_latency_seconds_count", 2.0),
+        (
+            r#"api_key_server_limiter_decisions_total{outcome="admitted",backend="memory"}"#,
+            2.0,
+        ),
+        (
+            r#"api_key_server_limiter_decisions_total{outcome="admitted",backend="redis"}"#,
+            0.0,
+        ),
         ("api_key_server_redis_configured", 0.0),
         ("api_key_server_redis_fallback_active", 0.0),
         ("api_key_server_redis_errors_total", 0.0),
@@ -198,4 +206,56 @@ async fn without_metrics_port_there_is_no_metrics_listener() {
     }
     assert_eq!(metrics_addr(&server), None, "{}", server.output());
     assert!(!server.output().contains("/metrics"), "{}", server.output());
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_shows_as_fallback_errors_and_memory_decisions() {
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "METRICS_PORT", "0");
+    let port = common::closed_port().await;
+    set(&mut env, "REDIS_URL", &format!("redis://127.0.0.1:{port}"));
+    let server = ServerProcess::start(&env).await;
+    let addr = wait_for_metrics_addr(&server).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(jwt("demo", "alice"))
+        .body(common::CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut last = String::new();
+    for _ in 0..200 {
+        let (_, text) = scrape(&client, addr).await;
+        let done = sample(&text, "api_key_server_redis_fallback_active") == Some(1.0)
+            && sample(
+                &text,
+                r#"api_key_server_limiter_decisions_total{outcome="admitted",backend="memory"}"#,
+            ) == Some(1.0);
+        last = text;
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(sample(&last, "api_key_server_redis_configured"), Some(1.0), "{last}");
+    assert_eq!(
+        sample(&last, "api_key_server_redis_fallback_active"),
+        Some(1.0),
+        "{last}"
+    );
+    assert!(
+        sample(&last, "api_key_server_redis_errors_total").is_some_and(|n| n >= 1.0),
+        "{last}"
+    );
+    assert_eq!(
+        sample(
+            &last,
+            r#"api_key_server_limiter_decisions_total{outcome="admitted",backend="memory"}"#
+        ),
+        Some(1.0),
+        "{last}"
+    );
 }
