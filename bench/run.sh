@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# The benchmark: builds the release binary and the load generator, starts a mock upstream,
+# and measures side by side, in one run, with one load generator and the same CPU pinning:
+# direct to the mock, nginx `proxy_pass` adding the key, and the proxy with JWT (cached
+# tokens and all-new tokens), JWT with Redis limits, and HMAC. Writes docs/benchmarks.md
+# (the figures between its markers) and docs/benchmarks.svg.
+#
+#   bench/run.sh           full run (installs nginx and redis-server on Debian if missing)
+#   bench/run.sh --smoke   a few seconds, debug binaries, no nginx, output to a temp dir:
+#                          keeps the script working in CI; its figures mean nothing
+#
+# Pinning: the proxy (or nginx) on CPU 0; the load generator, the mock and Redis on CPU 1.
+# Limits are set far above the load: the run prices the checks, never a refusal.
+# Only 127.0.0.1 is ever contacted; every load loop is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+smoke=false
+for arg in "$@"; do
+  case $arg in
+    --smoke) smoke=true ;;
+    *) echo "usage: bench/run.sh [--smoke]" >&2; exit 2 ;;
+  esac
+done
+
+if $smoke; then
+  duration=0.3 warmup=0.1 c1_duration=0.2 stream_duration=0.4 cold_runs=1 new_tokens=200 rotation_tokens=50
+  conns=4 sse_chunks=3 sse_interval_us=2000
+  out=$(mktemp -d)
+  md=$out/benchmarks.md svg=$out/benchmarks.svg
+  cp docs/benchmarks.md "$md" 2>/dev/null || true
+else
+  duration=${BENCH_DURATION:-5} warmup=1 c1_duration=3 stream_duration=4 cold_runs=10 new_tokens=${BENCH_NEW_TOKENS:-40000} rotation_tokens=1000
+  conns=32 sse_chunks=20 sse_interval_us=5000
+  out=$(mktemp -d)
+  md=docs/benchmarks.md svg=docs/benchmarks.svg
+fi
+results=$out/results.jsonl
+: >"$results"
+pids=()
+cleanup() {
+  local status=$?
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$status" != 0 ] || ! $smoke; then
+    echo "bench: work files (logs, results) in $out" >&2
+  else
+    rm -rf "$out"
+  fi
+}
+trap cleanup EXIT
+
+say() { if ! $smoke; then echo "bench: $*"; fi; }
+
+# --- tools -------------------------------------------------------------------------------
+need=()
+command -v python3 >/dev/null || need+=(python3)
+command -v redis-server >/dev/null || need+=(redis-server)
+if ! $smoke; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  elif $smoke && [ "${need[*]}" = redis-server ]; then
+    :
+  else
+    echo "bench: needs ${need[*]} (Debian: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+export PATH=$PATH:/usr/sbin
+
+if $smoke; then
+  bin=target/debug/api-key-server loadgen=target/debug/examples/loadgen
+  if [ ! -x "$bin" ] || [ ! -x "$loadgen" ]; then
+    cargo build --quiet --locked --bin api-key-server --example loadgen
+  fi
+else
+  say "building (release)"
+  # Separately: built together, the binary would get the dev-dependencies' tokio features.
+  cargo build --quiet --release --locked --bin api-key-server
+  cargo build --quiet --release --locked --example loadgen
+  bin=target/release/api-key-server loadgen=target/release/examples/loadgen
+fi
+
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  on_proxy=(taskset -c 0) on_load=(taskset -c 1) pinning="proxy on CPU 0; load generator, mock and Redis on CPU 1"
+else
+  on_proxy=() on_load=() pinning="not pinned (needs taskset and 2 CPUs)"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+record() { echo "$1" >>"$results"; }
+rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+
+# --- machine and versions ----------------------------------------------------------------
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+record "$(python3 - "$bin" "$pinning" "$smoke" "$load_start" <<'EOF'
+import json, platform, subprocess, sys, datetime
+def run(*cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except Exception:
+        return "not installed"
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+os_name = next((l.split("=", 1)[1].strip().strip('"') for l in open("/etc/os-release") if l.startswith("PRETTY_NAME")), "?")
+print(json.dumps({"label": "meta", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  "rustc": run("rustc", "--version"), "nginx": run("nginx", "-v"), "redis": run("redis-server", "--version"),
+  "kernel": platform.release(), "os": os_name, "cpu": cpu, "cpus": __import__("os").cpu_count(),
+  "binary": sys.argv[1], "pinning": sys.argv[2], "smoke": sys.argv[3] == "true", "load_start": sys.argv[4]}))
+EOF
+)"
+
+# --- mock upstream -----------------------------------------------------------------------
+"${on_load[@]}" "$loadgen" mock --sse-chunks "$sse_chunks" --sse-interval-us "$sse_interval_us" >"$out/mock.addr" &
+mock_pid=$!
+pids+=("$mock_pid")
+for _ in $(seq 100); do [ -s "$out/mock.addr" ] && break; sleep 0.05; done
+mock_url="http://$(head -1 "$out/mock.addr")/v1/chat/completions"
+
+# --- credentials and the proxy's settings ------------------------------------------------
+say "minting tokens"
+"$loadgen" mint --key tests/fixtures/jwt-private.pem --count "$rotation_tokens" --out "$out/tokens.txt"
+"$loadgen" mint --key tests/fixtures/jwt-private.pem --count "$new_tokens" --out "$out/new-tokens.txt"
+export BENCH_HMAC_SECRET=bench-hmac-secret-0123456789abcdef-0123456789
+export API_KEY_SERVER_PRODUCT_KEYS='{"demo":"sk-bench-upstream-key"}'
+API_KEY_SERVER_JWT_PUBLIC_KEYS=$(python3 -c 'import json,sys; print(json.dumps({"bench": open(sys.argv[1]).read()}))' tests/fixtures/jwt-public.pem)
+export API_KEY_SERVER_JWT_PUBLIC_KEYS
+export API_KEY_SERVER_CLIENT_HMAC_SECRETS="{\"bench\":\"$BENCH_HMAC_SECRET\"}"
+export API_KEY_SERVER_OPENAI_BASE_URL=$mock_url
+export API_KEY_SERVER_RATE_LIMIT_CAPACITY=1000000000
+export API_KEY_SERVER_RATE_LIMIT_REFILL_PER_SECOND=1000000000
+export API_KEY_SERVER_DAILY_QUOTA=1000000000000
+export API_KEY_SERVER_LOG_FORMAT=json
+unset RUST_LOG API_KEY_SERVER_REDIS_URL
+
+# run <label> <url> <pids> [loadgen run options...]: one measurement, appended to the results.
+run() {
+  local label=$1 url=$2 pidlist=$3
+  shift 3
+  local pidargs=()
+  for p in $pidlist; do pidargs+=(--pid "$p"); done
+  record "$("${on_load[@]}" "$loadgen" run --label "$label" --url "$url" "${pidargs[@]}" "$@")"
+}
+
+# measure <row> <url> <pids> <mode options...>: the fixed-concurrency run, then one at a time.
+measure() {
+  local row=$1 url=$2 pidlist=$3
+  shift 3
+  say "$row"
+  run "$row" "$url" "$pidlist" --connections "$conns" --duration "$duration" --warmup "$warmup" "$@"
+  run "$row/c1" "$url" "$pidlist" --connections 1 --duration "$c1_duration" --warmup "$warmup" "$@"
+}
+
+stream() {
+  local row=$1 url=$2 pidlist=$3
+  shift 3
+  run "$row/stream" "$url" "$pidlist" --connections 4 --duration "$stream_duration" --warmup 0.2 --stream "$@"
+}
+
+# start_proxy <row> [VAR=value...]: starts the proxy on CPU 0, logs (one JSON line per
+# request, as in production) to a file; sets proxy_pid and proxy_url, records idle RSS.
+start_proxy() {
+  local row=$1 port
+  shift
+  port=$(free_port)
+  env "$@" PORT="$port" "${on_proxy[@]}" "$bin" >"$out/$row.log" 2>&1 &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
+  "$loadgen" wait --port "$port"
+  sleep 0.2
+  proxy_url="http://127.0.0.1:$port/v1/chat/completions"
+  record "{\"label\":\"$row/idle\",\"rss_kib\":$(rss_kib "$proxy_pid")}"
+}
+
+stop() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# --- direct ------------------------------------------------------------------------------
+measure direct "$mock_url" "$mock_pid"
+stream direct "$mock_url" "$mock_pid"
+
+# --- nginx -------------------------------------------------------------------------------
+if $smoke; then
+  record '{"label":"nginx/skipped","reason":"smoke mode does not start nginx"}'
+elif command -v nginx >/dev/null; then
+  port=$(free_port)
+  mkdir -p "$out/nginx"
+  cat >"$out/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $out/nginx/nginx.pid;
+error_log $out/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  # One access log line per request, written as it happens: the proxy logs every request too.
+  access_log $out/nginx/access.log;
+  client_body_temp_path $out/nginx/body;
+  proxy_temp_path $out/nginx/proxy;
+  upstream mock { server $(head -1 "$out/mock.addr"); keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk-bench-upstream-key";
+      # Streams pass chunk by chunk, as an LLM gateway must.
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+  "${on_proxy[@]}" nginx -p "$out/nginx" -c "$out/nginx/nginx.conf" &
+  nginx_pid=$!
+  pids+=("$nginx_pid")
+  for _ in $(seq 100); do
+    workers=$(pgrep -P "$nginx_pid" | tr '\n' ' ' || true)
+    [ -n "$workers" ] && break
+    sleep 0.05
+  done
+  sleep 0.3
+  workers=$(pgrep -P "$nginx_pid" | tr '\n' ' ')
+  record "{\"label\":\"nginx/idle\",\"rss_kib\":$(( $(rss_kib "$nginx_pid") + $(rss_kib ${workers%% *}) ))}"
+  nginx_url="http://127.0.0.1:$port/v1/chat/completions"
+  measure nginx "$nginx_url" "$nginx_pid $workers"
+  stream nginx "$nginx_url" "$nginx_pid $workers"
+  stop "$nginx_pid"
+else
+  record '{"label":"nginx/skipped","reason":"nginx is not installed"}'
+fi
+
+# --- the proxy ---------------------------------------------------------------------------
+start_proxy jwt-memory
+measure jwt-memory "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+stream jwt-memory "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+stop "$proxy_pid"
+
+start_proxy jwt-new
+say "jwt-new"
+# Every request brings a token never seen before, so each costs an RSA verification; the
+# run ends early when the pre-minted pool is used up.
+"${on_load[@]}" "$loadgen" run --url "$proxy_url" --mode jwt --tokens "$out/tokens.txt" --connections "$conns" \
+  --duration "$warmup" --warmup 0 >/dev/null # warm the upstream pool; not recorded
+run jwt-new "$proxy_url" "$proxy_pid" --mode jwt-new --tokens "$out/new-tokens.txt" \
+  --connections "$conns" --duration "$duration" --warmup 0
+stop "$proxy_pid"
+
+if command -v redis-server >/dev/null; then
+  redis_port=$(free_port)
+  "${on_load[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --daemonize no >"$out/redis.log" 2>&1 &
+  redis_pid=$!
+  pids+=("$redis_pid")
+  for _ in $(seq 100); do
+    python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.1)' "$redis_port" \
+      2>/dev/null && break
+    sleep 0.05
+  done
+  start_proxy jwt-redis API_KEY_SERVER_REDIS_URL="redis://127.0.0.1:$redis_port"
+  # The connection to Redis is made in the background.
+  for _ in $(seq 100); do grep -q 'connected to Redis' "$out/jwt-redis.log" && break; sleep 0.05; done
+  measure jwt-redis "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+  if ! grep -q 'connected to Redis' "$out/jwt-redis.log" || grep -q 'Redis unavailable' "$out/jwt-redis.log"; then
+    echo "bench: the Redis row fell back to memory; see $out/jwt-redis.log" >&2
+    exit 1
+  fi
+  stop "$proxy_pid"
+  stop "$redis_pid"
+else
+  record '{"label":"jwt-redis/skipped","reason":"redis-server is not installed"}'
+fi
+
+start_proxy hmac
+measure hmac "$proxy_url" "$proxy_pid" --mode hmac
+stop "$proxy_pid"
+
+say "cold start"
+record "$("${on_load[@]}" "$loadgen" coldstart --runs "$cold_runs" -- "${on_proxy[@]}" "$bin")"
+
+record "{\"label\":\"meta/end\",\"load_end\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
+python3 bench/report.py "$results" --md "$md" --svg "$svg" $($smoke && echo --smoke)
+if $smoke; then
+  [ -n "${BENCH_SHOW:-}" ] && cat "$md"
+  echo "bench: smoke run passed (${SECONDS}s)"
+else
+  cp "$results" bench/results.jsonl
+  say "wrote $md, $svg and bench/results.jsonl"
+fi
