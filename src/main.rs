@@ -52,7 +52,7 @@ fn serve() -> ExitCode {
     for name in &warnings.unknown_variables {
         tracing::warn!(variable = %name, "unknown setting ignored (a typo?)");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("api-key-server: cannot start the runtime: {error}");
@@ -78,4 +78,15 @@ fn serve() -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// A current-thread runtime when the process may use one CPU (a 1-vCPU Cloud Run instance,
+/// or a process pinned to one core: `available_parallelism` honours CPU affinity and cgroup
+/// quotas), else one worker per CPU. On one CPU the multi-thread scheduler would still run
+/// one worker, paying for cross-thread wake-ups and task stealing it can never use.
+fn runtime_builder() -> tokio::runtime::Builder {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
 }
