@@ -12,6 +12,7 @@
 
 mod cloud_logging;
 
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,11 +77,11 @@ impl RequestId {
     pub fn generate() -> Self {
         static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let prefix = PREFIX.get_or_init(|| {
-            let mut bytes = [0u8; 8];
-            aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
-            u64::from_le_bytes(bytes)
-        });
+        // std's `RandomState` is keyed from the OS's random source: enough for an id that
+        // must be unique, not secret. Not aws-lc's generator: its first use spends ~25 ms
+        // seeding, which would land on the first request (a cold start's health check)
+        // rather than on the first TLS handshake, which needs it anyway.
+        let prefix = PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let id = format!("req_{prefix:016x}{n:012x}");
         Self(HeaderValue::from_str(&id).expect("hex digits are a valid header value"))
