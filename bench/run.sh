@@ -74,8 +74,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PATH=$PATH:/usr/sbin
 
+target=${CARGO_TARGET_DIR:-target}
 if $smoke; then
-  bin=target/debug/api-key-server loadgen=target/debug/examples/loadgen
+  bin=$target/debug/api-key-server loadgen=$target/debug/examples/loadgen
   if [ ! -x "$bin" ] || [ ! -x "$loadgen" ]; then
     cargo build --quiet --locked --bin api-key-server --example loadgen
   fi
@@ -84,7 +85,7 @@ else
   # Separately: built together, the binary would get the dev-dependencies' tokio features.
   cargo build --quiet --release --locked --bin api-key-server
   cargo build --quiet --release --locked --example loadgen
-  bin=target/release/api-key-server loadgen=target/release/examples/loadgen
+  bin=$target/release/api-key-server loadgen=$target/release/examples/loadgen
 fi
 
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
