@@ -12,6 +12,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -179,7 +180,7 @@ impl Sent {
         let status = response.status();
         let mut text = format!("{status}\n");
         for (name, value) in response.headers() {
-            text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            let _ = writeln!(text, "{name}: {}", String::from_utf8_lossy(value.as_bytes()));
         }
         // A cut stream is an error at the end of its body: keep what arrived.
         let mut response = response;
@@ -202,51 +203,97 @@ async fn exercise(process: &Process, redis: &mut RedisServer) -> Sent {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut sent = Sent::default();
     let chat = process.url("/v1/chat/completions");
-    let mut expect = |got: StatusCode, want: u16, what: &str| assert_eq!(got.as_u16(), want, "{what}");
+    let expect = |got: StatusCode, want: u16, what: &str| assert_eq!(got.as_u16(), want, "{what}");
 
-    for path in ["/health", "/healthz", "/nope", "/v1/models", "/v1/models/gpt-4o", "/v1/models/nope"] {
+    for path in [
+        "/health",
+        "/healthz",
+        "/nope",
+        "/v1/models",
+        "/v1/models/gpt-4o",
+        "/v1/models/nope",
+    ] {
         let token = sent.token(jwt(PRODUCT, USER));
-        let status = sent.record(client.get(process.url(path)).bearer_auth(&token).send().await.unwrap()).await;
+        let status = sent
+            .record(client.get(process.url(path)).bearer_auth(&token).send().await.unwrap())
+            .await;
         assert!(status.as_u16() < 500, "{path}: {status}");
     }
     let status = sent.record(client.delete(&chat).send().await.unwrap()).await;
     expect(status, 405, "wrong method");
 
     // JWT: success, streamed, every upstream failure, and the token failures.
-    for (case, want) in [
-        ("ok", 200),
-        ("CASE-401", 502),
-        ("CASE-500", 500),
-        ("CASE-CUT", 200),
-    ] {
+    for (case, want) in [("ok", 200), ("CASE-401", 502), ("CASE-500", 500), ("CASE-CUT", 200)] {
         let token = sent.token(jwt(PRODUCT, USER));
-        let response = client.post(&chat).bearer_auth(&token).body(body(case)).send().await.unwrap();
+        let response = client
+            .post(&chat)
+            .bearer_auth(&token)
+            .body(body(case))
+            .send()
+            .await
+            .unwrap();
         expect(sent.record(response).await, want, case);
     }
     let streamed = body("stream").replace("\"max_tokens\"", "\"stream\":true,\"max_tokens\"");
     let token = sent.token(jwt(PRODUCT, USER));
-    let response = client.post(&chat).bearer_auth(&token).body(streamed).send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&token)
+        .body(streamed)
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 200, "stream");
 
     let token = sent.token(jwt(PRODUCT, USER));
     let tampered = format!("{}x", &token[..token.len() - 1]);
     sent.secrets.push(tampered.clone());
-    let response = client.post(&chat).bearer_auth(&tampered).body(body("t")).send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&tampered)
+        .body(body("t"))
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 401, "tampered token");
     let expired = sent.token(jwt_claims(
         &serde_json::json!({"sub": USER, "product": PRODUCT, "iat": now() - 1000, "exp": now() - 900}),
     ));
-    let response = client.post(&chat).bearer_auth(&expired).body(body("e")).send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&expired)
+        .body(body("e"))
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 401, "expired token");
     let unknown = sent.token(jwt("no-such-product", USER));
-    let response = client.post(&chat).bearer_auth(&unknown).body(body("p")).send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&unknown)
+        .body(body("p"))
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 403, "unknown product");
     let token = sent.token(jwt(PRODUCT, USER));
-    let response = client.post(&chat).bearer_auth(&token).body("{not json").send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 400, "invalid json");
     let token = sent.token(jwt(PRODUCT, USER));
     let bad_model = body("m").replace("gpt-4o", "gpt-nope");
-    let response = client.post(&chat).bearer_auth(&token).body(bad_model).send().await.unwrap();
+    let response = client
+        .post(&chat)
+        .bearer_auth(&token)
+        .body(bad_model)
+        .send()
+        .await
+        .unwrap();
     expect(sent.record(response).await, 400, "model");
     let token = sent.token(jwt(PRODUCT, USER));
     let response = client
@@ -261,7 +308,13 @@ async fn exercise(process: &Process, redis: &mut RedisServer) -> Sent {
     // The (other, alice) bucket holds one request: the second is 429.
     for want in [200, 429] {
         let token = sent.token(jwt("other", USER));
-        let response = client.post(&chat).bearer_auth(&token).body(body("l")).send().await.unwrap();
+        let response = client
+            .post(&chat)
+            .bearer_auth(&token)
+            .body(body("l"))
+            .send()
+            .await
+            .unwrap();
         expect(sent.record(response).await, want, "limit");
     }
     let token = sent.token(jwt(PRODUCT, USER));
@@ -286,8 +339,17 @@ async fn exercise(process: &Process, redis: &mut RedisServer) -> Sent {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
                 while !process.logged("answers again") {
                     assert!(tokio::time::Instant::now() < deadline, "Redis is used again");
-                    let _ = client.get(process.url("/v1/models")).bearer_auth(&sent.token(jwt(PRODUCT, USER))).send().await;
-                    let _ = client.post(&chat).bearer_auth(&sent.token(jwt(PRODUCT, USER))).body(body("probe")).send().await;
+                    let _ = client
+                        .get(process.url("/v1/models"))
+                        .bearer_auth(sent.token(jwt(PRODUCT, USER)))
+                        .send()
+                        .await;
+                    let _ = client
+                        .post(&chat)
+                        .bearer_auth(sent.token(jwt(PRODUCT, USER)))
+                        .body(body("probe"))
+                        .send()
+                        .await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -296,11 +358,19 @@ async fn exercise(process: &Process, redis: &mut RedisServer) -> Sent {
         let text = body("hmac");
         let signed = sign(&text, now());
         sent.secrets.push(signed.signature.clone());
-        let response = signed.apply(client.post(&chat).body(text.clone())).send().await.unwrap();
+        let response = signed
+            .apply(client.post(&chat).body(text.clone()))
+            .send()
+            .await
+            .unwrap();
         expect(sent.record(response).await, 200, phase);
         // The replay: refused by Redis; with Redis down the memory store's answer is the
         // nonce tests' business, here only its response and logs are scanned.
-        let response = signed.apply(client.post(&chat).body(text.clone())).send().await.unwrap();
+        let response = signed
+            .apply(client.post(&chat).body(text.clone()))
+            .send()
+            .await
+            .unwrap();
         let status = sent.record(response).await;
         if phase == "redis down" {
             assert!(status.as_u16() < 500, "{phase}: replay answered {status}");
@@ -309,15 +379,33 @@ async fn exercise(process: &Process, redis: &mut RedisServer) -> Sent {
         }
         let forged = sign(&text, now());
         sent.secrets.push(forged.signature.clone());
-        let response = forged.apply(client.post(&chat).body(body("other body"))).send().await.unwrap();
+        let response = forged
+            .apply(client.post(&chat).body(body("other body")))
+            .send()
+            .await
+            .unwrap();
         expect(sent.record(response).await, 401, "bad signature");
         let stale = sign(&text, now() - 10_000);
         sent.secrets.push(stale.signature.clone());
         let response = stale.apply(client.post(&chat).body(text.clone())).send().await.unwrap();
         expect(sent.record(response).await, 401, "stale timestamp");
-        let models = hmac_sign(HMAC_SECRET, "GET", "/v1/models", CLIENT, PRODUCT, USER, Some(&common::nonce()), now(), b"");
+        let models = hmac_sign(
+            HMAC_SECRET,
+            "GET",
+            "/v1/models",
+            CLIENT,
+            PRODUCT,
+            USER,
+            Some(&common::nonce()),
+            now(),
+            b"",
+        );
         sent.secrets.push(models.signature.clone());
-        let response = models.apply(client.get(process.url("/v1/models"))).send().await.unwrap();
+        let response = models
+            .apply(client.get(process.url("/v1/models")))
+            .send()
+            .await
+            .unwrap();
         expect(sent.record(response).await, 200, "models over hmac");
     }
     sent
@@ -382,14 +470,24 @@ async fn run(format: &str) {
     let responses = sent.responses.join("\n");
     assert_absent(&responses, &secrets, "a response");
     // Bodies never reach the logs: prompts, completions, upstream error text.
-    secrets.extend([PROMPT, COMPLETION_TEXT, UPSTREAM_ERROR_TEXT].into_iter().map(str::to_owned));
+    secrets.extend(
+        [PROMPT, COMPLETION_TEXT, UPSTREAM_ERROR_TEXT]
+            .into_iter()
+            .map(str::to_owned),
+    );
     assert_absent(&logs, &secrets, &format!("the {format} log output"));
 
     // The scan saw real traffic and real logs, not an empty run.
     assert!(sent.responses.len() >= 35, "{} responses", sent.responses.len());
-    assert!(responses.contains(COMPLETION_TEXT), "the upstream answered through the proxy");
+    assert!(
+        responses.contains(COMPLETION_TEXT),
+        "the upstream answered through the proxy"
+    );
     assert!(logs.lines().count() > 100, "trace-level output was captured");
-    assert!(logs.contains("upstream_auth_failed") || logs.contains("502"), "failures were logged");
+    assert!(
+        logs.contains("upstream_auth_failed") || logs.contains("502"),
+        "failures were logged"
+    );
     eprintln!(
         "secrecy ({format}): {} responses, {} log lines, {} secret values: none found",
         sent.responses.len(),
