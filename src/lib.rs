@@ -10,6 +10,7 @@
 //!   [`limit`] (bucket and daily quota, in [`store`] or memory) -> [`upstream`];
 //! - [`error`] turns every failure into the contract's error envelope.
 //!
+//! [`metrics`] counts requests, upstream latency and limiter decisions for Prometheus.
 //! [`settings`] reads the environment once at startup; [`cli`] holds the `dev`,
 //! `mint-jwt` and `sign` subcommands.
 
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod limit;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod settings;

@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderValue};
 use self::memory::MemoryLimiter;
 use self::redis::RedisLimiter;
 use crate::auth::Identity;
+use crate::metrics;
 use crate::settings::{LimitSettings, Limits};
 use crate::store::Store;
 
@@ -118,6 +119,17 @@ pub(crate) enum Outcome {
     QuotaExceeded,
 }
 
+impl Outcome {
+    /// The `outcome` label of the limiter metric.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
+        }
+    }
+}
+
 impl Decision {
     fn into_result(self) -> Result<Grant, LimitError> {
         let Self {
@@ -207,9 +219,12 @@ impl Limiter {
         if let Some(redis) = &self.redis
             && let Some(decision) = redis.decide(key, limits).await
         {
+            metrics::limiter_decision(decision.outcome.label(), "redis");
             return decision;
         }
-        self.memory.decide(key, limits, self.clock.now_micros())
+        let decision = self.memory.decide(key, limits, self.clock.now_micros());
+        metrics::limiter_decision(decision.outcome.label(), "memory");
+        decision
     }
 }
 

@@ -48,7 +48,7 @@ fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log_format);
+    telemetry::init_with_project(settings.log_format, settings.gcp_project_id.as_deref());
     for name in &warnings.unknown_variables {
         tracing::warn!(variable = %name, "unknown setting ignored (a typo?)");
     }
@@ -68,6 +68,11 @@ fn serve() -> ExitCode {
             }
         };
         tracing::info!(address = %running.addr, "listening");
+        if let Some(address) = running.metrics_addr {
+            // Logged after `listening`, and worded differently, so that whoever looks for
+            // the service's address finds the right one first.
+            tracing::info!(%address, path = "/metrics", "metrics endpoint ready");
+        }
         server::shutdown_signal().await;
         running.shutdown().await;
         tracing::info!("stopped");

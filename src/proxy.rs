@@ -53,14 +53,17 @@ async fn chat(
     let grant = app.limiter.admit(&identity).await?;
     // Authentication only yields products that have a key; a miss here is a defect.
     let key = settings.product_keys.get(&identity.product).ok_or(ApiError::Internal)?;
+    let sent = tokio::time::Instant::now();
     let mut response = match app.upstream.forward(request.body, key.expose(), &id.0, headers).await {
         Ok((response, outcome)) => {
+            log.upstream_latency = Some(sent.elapsed());
             log.upstream_status = Some(outcome.status);
             log.upstream_request_id = outcome.request_id;
             response
         }
         Err(error) => {
             if let crate::upstream::UpstreamError::AuthFailed { status } = error {
+                log.upstream_latency = Some(sent.elapsed());
                 log.upstream_status = Some(status);
             }
             ApiError::from(error).into_response()

@@ -2,6 +2,9 @@
 //!
 //! hyper's connection builder is used directly (not `axum::serve`) because the contract
 //! needs a header read timeout and a bounded drain on SIGTERM.
+//!
+//! With `METRICS_PORT` set, [`start`] also binds the separate `GET /metrics` listener
+//! ([`crate::metrics`]); it stays up during the drain so a last scrape still works.
 
 use std::future::Future;
 use std::io;
@@ -18,14 +21,18 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::app::{AppState, router};
+use crate::metrics::{self, MetricsServer};
 use crate::settings::Settings;
 
 /// A server started by [`start`].
 pub struct Running {
     /// The address actually bound (useful with port 0).
     pub addr: SocketAddr,
+    /// The metrics listener's address, when `METRICS_PORT` is set.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Running {
@@ -35,6 +42,9 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = self.task.await;
+        if let Some(metrics) = self.metrics.take() {
+            metrics.stop();
+        }
     }
 }
 
@@ -48,6 +58,7 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
     install_crypto_provider();
     let listener = TcpListener::bind(SocketAddr::new(ip, settings.port)).await?;
     let addr = listener.local_addr()?;
+    let metrics = start_metrics(&settings, ip).await?;
     let options = Options {
         header_timeout: settings.client_timeout,
         grace: settings.shutdown_grace,
@@ -59,9 +70,20 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
     }));
     Ok(Running {
         addr,
+        metrics_addr: metrics.as_ref().map(|m| m.addr),
         shutdown: Some(tx),
         task,
+        metrics,
     })
+}
+
+/// The metrics listener on `ip:METRICS_PORT`, or `None` when the port is unset.
+async fn start_metrics(settings: &Settings, ip: IpAddr) -> io::Result<Option<MetricsServer>> {
+    metrics::set_redis_configured(settings.redis.is_some());
+    match settings.metrics_port {
+        Some(port) => metrics::serve(SocketAddr::new(ip, port)).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 struct Options {

@@ -20,6 +20,7 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::metrics;
 use crate::settings::RedisSettings;
 
 /// After a failure, requests skip Redis (memory decides) this long, then one request
@@ -269,6 +270,7 @@ impl Inner {
         .unwrap_or(Err(Failure::TimedOut));
         match outcome {
             Ok(()) => {
+                metrics::set_redis_fallback(false);
                 if self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::info!(redis = %self.url, "connected to Redis: limits and nonces are shared");
                 } else {
@@ -305,6 +307,8 @@ impl Inner {
     /// error line at most once per [`ERROR_LOG_INTERVAL`].
     fn failed(&self, failure: &Failure) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::redis_error();
+        metrics::set_redis_fallback(true);
         *lock(&self.retry_at) = Instant::now() + BREAKER_OPEN;
         if self.healthy.swap(false, Ordering::AcqRel) {
             *lock(&self.last_error_log) = Instant::now();

@@ -5,6 +5,12 @@
 //! and its latency covers the whole stream. Handlers put what they know (identity,
 //! upstream status) into the response's extensions as a [`RequestLog`]; errors put their
 //! [`ErrorCode`]. No body, key, token or signature is ever a field.
+//!
+//! The same line counts the request in [`crate::metrics`] (by route template, status and
+//! error code) and records the upstream latency. The JSON format for Cloud Logging lives
+//! in [`cloud_logging`].
+
+mod cloud_logging;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,28 +18,41 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 use tracing_subscriber::EnvFilter;
 
 use crate::error::ErrorCode;
+use crate::metrics;
 use crate::settings::LogFormat;
 
-/// Sets the global subscriber: `RUST_LOG` filter (default `info`), JSON or text lines on
-/// stdout.
+/// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout,
+/// without trace links (see [`init_with_project`]).
 pub fn init(format: LogFormat) {
+    init_with_project(format, None);
+}
+
+/// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout.
+///
+/// `Json` writes Cloud Logging's structured lines; with `gcp_project_id` the request line
+/// links to the request's trace. `Text` is for humans (colours only on a terminal).
+pub fn init_with_project(format: LogFormat, gcp_project_id: Option<&str>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .event_format(cloud_logging::CloudLogging::new(gcp_project_id))
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
     };
 }
 
@@ -82,6 +101,8 @@ pub struct RequestLog {
     pub user: Option<Box<str>>,
     pub upstream_status: Option<u16>,
     pub upstream_request_id: Option<HeaderValue>,
+    /// Time from sending the request upstream to the upstream's response headers.
+    pub upstream_latency: Option<std::time::Duration>,
 }
 
 /// Middleware: request id in, request id out, and the log line when the body ends.
@@ -90,6 +111,16 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
     let id = RequestId::from_client(request.headers().get(X_REQUEST_ID));
     let method = request.method().clone();
     let path: Box<str> = request.uri().path().into();
+    // This layer wraps each route (axum's `Router::layer`), so routing has already put
+    // the route template here; the fallback (unknown paths) has none.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    // Cheap clones of what the line reports; Cloud Run sets both trace headers, W3C first.
+    let headers = request.headers();
+    let user_agent = headers.get(header::USER_AGENT).cloned();
+    let trace = headers
+        .get("traceparent")
+        .or_else(|| headers.get("x-cloud-trace-context"))
+        .cloned();
     request.extensions_mut().insert(id.clone());
 
     let mut response = next.run(request).await;
@@ -100,10 +131,13 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         start,
         method,
         path,
+        route,
         status: response.status().as_u16(),
         id,
         log,
         error,
+        user_agent,
+        trace,
     };
     response.map(|body| {
         Body::new(LoggedBody {
@@ -117,10 +151,13 @@ struct LogLine {
     start: Instant,
     method: Method,
     path: Box<str>,
+    route: Option<MatchedPath>,
     status: u16,
     id: RequestId,
     log: RequestLog,
     error: Option<&'static str>,
+    user_agent: Option<HeaderValue>,
+    trace: Option<HeaderValue>,
 }
 
 /// How the response body ended.
@@ -141,10 +178,21 @@ impl LogLine {
             End::ClientClosed if self.error.is_none() => Some("client_closed"),
             _ => self.error,
         };
+        let route = self.route.as_ref().map_or(metrics::UNMATCHED, MatchedPath::as_str);
+        metrics::request(route, self.status, error);
+        if let Some(latency) = self.log.upstream_latency {
+            metrics::upstream_latency(latency.as_secs_f64());
+        }
         let upstream_request_id = self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok());
+        // Both are client-controlled text, so they are only ever values of their own
+        // fields (escaped by the formatter); neither can hold a credential.
+        let user_agent = self.user_agent.as_ref().and_then(|v| v.to_str().ok());
+        let trace = self.trace.as_ref().and_then(|v| v.to_str().ok());
+        // Field names matter to the JSON formatter: method, path, status and latency_ms
+        // also fill `httpRequest`, and `trace` becomes Cloud Logging's trace fields.
         tracing::info!(
-            target: "request",
-            method = %self.method,
+            target: cloud_logging::REQUEST_TARGET,
+            method = self.method.as_str(),
             path = &*self.path,
             status = self.status,
             latency_ms,
@@ -154,6 +202,8 @@ impl LogLine {
             error,
             upstream_status = self.log.upstream_status,
             upstream_request_id,
+            user_agent,
+            trace,
             "request"
         );
     }

@@ -1,0 +1,282 @@
+//! Prometheus metrics: the counters and histograms, the calls that update them, and the
+//! `GET /metrics` listener on its own port (`API_KEY_SERVER_METRICS_PORT`).
+//!
+//! The metrics are process-wide (one registry per process, like the process's own
+//! counters): every instance is scraped on its own, so there is nothing to share and no
+//! reason to thread a handle through [`crate::app::AppState`]. The update functions are
+//! cheap enough for the request path: label values are `&'static str` or integers, so a
+//! call is one read-locked map lookup and an atomic add, and allocates only the first
+//! time a label set is seen.
+//!
+//! Label cardinality is bounded by construction: routes are the router's templates (never
+//! a raw path), statuses and error codes come from the contract's tables, and the limiter
+//! labels are fixed words. Nothing here may ever take a product, user, key or path.
+//!
+//! The listener serves only `GET /metrics`. On Cloud Run the port is reachable only
+//! inside the instance, by the Managed Prometheus sidecar (see `deploy/`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{LazyLock, RwLock};
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, StatusCode, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The route label of a request that matched no route (404s of unknown paths).
+pub const UNMATCHED: &str = "unmatched";
+
+/// Upper bounds (seconds) of the upstream latency buckets: from a fast non-streamed answer
+/// to the longest wait for headers the default `UPSTREAM_TIMEOUT_SECONDS` allows.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 90.0, 120.0,
+];
+
+/// The values of the limiter decision labels (see [`limiter_decision`]).
+const LIMITER_OUTCOMES: [&str; 3] = ["admitted", "rate_limited", "quota_exceeded"];
+const LIMITER_BACKENDS: [&str; 2] = ["redis", "memory"];
+
+/// More distinct route templates than the router can have means something passes raw
+/// paths: stop adding label values instead of growing without bound.
+const MAX_ROUTES: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+    /// The contract's error code; empty for a success.
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    outcome: &'static str,
+    backend: &'static str,
+}
+
+struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Histogram,
+    limiter_decisions: Family<DecisionLabels, Counter>,
+    redis_errors: Counter,
+    redis_configured: Gauge,
+    redis_fallback: Gauge,
+    routes: RwLock<Vec<&'static str>>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("api_key_server");
+    let requests = Family::<RequestLabels, Counter>::default();
+    registry.register(
+        "requests",
+        "Requests answered, by route template, status and error code",
+        requests.clone(),
+    );
+    let upstream_latency = Histogram::new(LATENCY_BUCKETS);
+    registry.register(
+        "upstream_latency_seconds",
+        "Time from sending a request upstream to the upstream's response headers",
+        upstream_latency.clone(),
+    );
+    let limiter_decisions = Family::<DecisionLabels, Counter>::default();
+    // Every combination exists from the start, at 0: an empty family is not exposed at
+    // all, and `rate()` needs the series before its first increment.
+    for outcome in LIMITER_OUTCOMES {
+        for backend in LIMITER_BACKENDS {
+            let _ = limiter_decisions.get_or_create(&DecisionLabels { outcome, backend });
+        }
+    }
+    registry.register(
+        "limiter_decisions",
+        "Rate limiter decisions, by outcome (admitted, rate_limited, quota_exceeded) and backend (redis, memory)",
+        limiter_decisions.clone(),
+    );
+    let redis_errors = Counter::default();
+    registry.register(
+        "redis_errors",
+        "Redis operations that failed or timed out (the decision was then taken in memory)",
+        redis_errors.clone(),
+    );
+    let redis_configured = Gauge::default();
+    registry.register(
+        "redis_configured",
+        "1 when REDIS_URL is set (limits and nonces shared through Redis), else 0",
+        redis_configured.clone(),
+    );
+    let redis_fallback = Gauge::default();
+    registry.register(
+        "redis_fallback_active",
+        "1 while Redis is unavailable and limits and nonces are decided in memory, else 0",
+        redis_fallback.clone(),
+    );
+    Metrics {
+        registry,
+        requests,
+        upstream_latency,
+        limiter_decisions,
+        redis_errors,
+        redis_configured,
+        redis_fallback,
+        routes: RwLock::new(Vec::new()),
+    }
+});
+
+/// Counts one answered request. `route` is the matched route template (axum's
+/// `MatchedPath`, e.g. `/v1/models/{*model}`) or [`UNMATCHED`]; `code` is the error code
+/// of the response, `None` for a success. Called from the request's log line.
+pub fn request(route: &str, status: u16, code: Option<&'static str>) {
+    let labels = RequestLabels {
+        route: intern_route(route),
+        status,
+        code: code.unwrap_or(""),
+    };
+    METRICS.requests.get_or_create(&labels).inc();
+}
+
+/// Records the time until the upstream's response headers, in seconds.
+pub fn upstream_latency(seconds: f64) {
+    METRICS.upstream_latency.observe(seconds);
+}
+
+/// Counts one limiter decision. `outcome`: `"admitted"`, `"rate_limited"` or
+/// `"quota_exceeded"`; `backend`: `"redis"` or `"memory"` (no Redis configured, or the
+/// fallback).
+pub fn limiter_decision(outcome: &'static str, backend: &'static str) {
+    METRICS
+        .limiter_decisions
+        .get_or_create(&DecisionLabels { outcome, backend })
+        .inc();
+}
+
+/// Counts one Redis operation that failed or timed out.
+pub fn redis_error() {
+    METRICS.redis_errors.inc();
+}
+
+/// Marks whether the in-memory fallback is deciding instead of Redis.
+pub fn set_redis_fallback(active: bool) {
+    METRICS.redis_fallback.set(i64::from(active));
+}
+
+/// Marks whether Redis is configured at all (set once at startup).
+pub fn set_redis_configured(configured: bool) {
+    METRICS.redis_configured.set(i64::from(configured));
+}
+
+/// The current metrics in the Prometheus text format (version 0.0.4).
+pub fn render() -> String {
+    let mut text = String::with_capacity(4096);
+    // Writing into a String cannot fail; an encoder error would be a defect in a metric.
+    if prometheus_client::encoding::prometheus_text::encode(&mut text, &METRICS.registry).is_err() {
+        tracing::error!("cannot encode the metrics");
+    }
+    text
+}
+
+/// A route template as a `&'static str`, so that the label set needs no allocation per
+/// request. The templates are few and fixed (they come from the router), so each is
+/// leaked once; past [`MAX_ROUTES`] the label is `other`.
+fn intern_route(route: &str) -> &'static str {
+    if route == UNMATCHED {
+        return UNMATCHED;
+    }
+    let routes = &METRICS.routes;
+    if let Some(found) = routes
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|r| **r == route)
+    {
+        return found;
+    }
+    let mut routes = routes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(found) = routes.iter().find(|r| **r == route) {
+        return found;
+    }
+    if routes.len() >= MAX_ROUTES {
+        return "other";
+    }
+    let leaked: &'static str = Box::leak(route.into());
+    routes.push(leaked);
+    leaked
+}
+
+/// The `GET /metrics` listener started by [`serve`].
+pub struct MetricsServer {
+    /// The address bound (useful with port 0).
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Stops the listener (scrapes need no drain).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `addr` and serves `GET /metrics` there until [`MetricsServer::stop`].
+pub async fn serve(addr: SocketAddr) -> io::Result<MetricsServer> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new().route("/metrics", get(scrape));
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "metrics listener failed");
+        }
+    });
+    Ok(MetricsServer { addr, task })
+}
+
+async fn scrape() -> Response {
+    let mut response = (StatusCode::OK, render()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus_client::encoding::prometheus_text::CONTENT_TYPE),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_interned_once_and_unmatched_stays_unmatched() {
+        let a = intern_route("/v1/test-route/{x}");
+        let b = intern_route(&String::from("/v1/test-route/{x}"));
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(intern_route(UNMATCHED), UNMATCHED);
+    }
+
+    #[test]
+    fn render_holds_every_metric_family() {
+        request("/v1/unit-test", 200, None);
+        limiter_decision("admitted", "memory");
+        let text = render();
+        for name in [
+            "api_key_server_requests_total",
+            "api_key_server_upstream_latency_seconds",
+            "api_key_server_limiter_decisions_total",
+            "api_key_server_redis_errors_total",
+            "api_key_server_redis_configured",
+            "api_key_server_redis_fallback_active",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name}")), "{name} in\n{text}");
+        }
+        assert!(
+            text.contains(r#"api_key_server_requests_total{route="/v1/unit-test",status="200",code=""}"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! The binary's log lines: Cloud Logging JSON (severity, message, time, httpRequest,
+//! trace) by default, plain text with `LOG_FORMAT=text`, and never a secret.
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{HMAC_SECRET, MockUpstream, PRODUCT_KEY, ServerProcess, Signed, base_env, binary, jwt, set};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A prompt that must never reach a log line.
+const PROMPT: &str = "PROMPT-TEXT-never-logged-5e1d";
+const TRACE_ID: &str = "105445aa7843bc8bf206b12000100000";
+
+fn chat_body() -> String {
+    serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16})
+        .to_string()
+}
+
+/// Waits (bounded) until the process has logged a request line for `path` with `status`,
+/// and returns it parsed. The line is written when the response body ends, which can be
+/// a moment after the client read it.
+async fn request_line(server: &ServerProcess, path: &str, status: u64) -> Value {
+    for _ in 0..200 {
+        let found = server
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "request" && v["path"] == path && v["status"] == status);
+        if let Some(line) = found {
+            return line;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no request line for {path} {status} in:\n{}", server.output());
+}
+
+fn assert_no_secret(output: &str, extra: &[&str]) {
+    for secret in [PRODUCT_KEY, HMAC_SECRET, PROMPT, "Bearer"].iter().chain(extra) {
+        assert!(!output.contains(secret), "{secret} in the logs:\n{output}");
+    }
+}
+
+fn assert_rfc3339_utc(time: &Value) {
+    let time = time.as_str().expect("time is a string");
+    let bytes = time.as_bytes();
+    assert!(
+        bytes.len() >= 20 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[13] == b':' && time.ends_with('Z'),
+        "time {time} is RFC 3339 in UTC"
+    );
+}
+
+#[tokio::test]
+async fn a_request_line_is_cloud_logging_json_with_http_request_and_trace() {
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "GCP_PROJECT_ID", "my-project");
+    let server = ServerProcess::start(&env).await;
+    let token = jwt("demo", "alice");
+
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .header("user-agent", "logs-test/1.0")
+        .header("x-request-id", "req-logs-1")
+        .header("x-cloud-trace-context", format!("{TRACE_ID}/1;o=1"))
+        .body(chat_body())
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("body");
+
+    let line = request_line(&server, "/v1/chat/completions", 200).await;
+    assert_eq!(line["severity"], "INFO");
+    assert_eq!(line["message"], "request");
+    assert_rfc3339_utc(&line["time"]);
+    let http = &line["httpRequest"];
+    assert_eq!(http["requestMethod"], "POST");
+    assert_eq!(http["requestUrl"], "/v1/chat/completions");
+    assert_eq!(http["status"], 200);
+    assert_eq!(http["userAgent"], "logs-test/1.0");
+    let latency = http["latency"].as_str().expect("latency is a string");
+    let seconds = latency.strip_suffix('s').expect("latency ends in s");
+    assert!(seconds.parse::<f64>().is_ok_and(|s| s >= 0.0), "latency {latency}");
+    assert_eq!(
+        line["logging.googleapis.com/trace"],
+        format!("projects/my-project/traces/{TRACE_ID}")
+    );
+    assert_eq!(line["logging.googleapis.com/spanId"], "0000000000000001");
+    assert_eq!(line["logging.googleapis.com/trace_sampled"], true);
+    // The contract's fields, flat.
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["request_id"], "req-logs-1");
+    assert_eq!(line["product"], "demo");
+    assert_eq!(line["user"], "alice");
+    assert_eq!(line["upstream_status"], 200);
+    assert_eq!(line["upstream_request_id"], "upstream-req-42");
+    assert!(line["latency_ms"].is_number());
+    assert!(line.get("error").is_none_or(Value::is_null), "no error code: {line}");
+
+    // Every line is JSON with the fields Cloud Logging reads.
+    let output = server.output();
+    for raw in output.lines() {
+        let value: Value = serde_json::from_str(raw).unwrap_or_else(|e| panic!("{e}: {raw}"));
+        assert!(
+            ["DEBUG", "INFO", "WARNING", "ERROR"].contains(&value["severity"].as_str().unwrap_or_default()),
+            "{raw}"
+        );
+        assert!(value["message"].is_string(), "{raw}");
+        assert_rfc3339_utc(&value["time"]);
+    }
+    assert_no_secret(&output, &[&token]);
+}
+
+#[tokio::test]
+async fn traceparent_and_an_error_code_reach_the_line_without_the_signature() {
+    let upstream = MockUpstream::openai().await;
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "GCP_PROJECT_ID", "my-project");
+    let server = ServerProcess::start(&env).await;
+    let body = chat_body();
+    let mut signed = Signed::chat(body.as_bytes());
+    let signature = signed.signature.clone();
+    // One flipped digit: a bad signature, still well-formed.
+    signed.signature = format!(
+        "{}{}",
+        if signature.starts_with('0') { '1' } else { '0' },
+        &signature[1..]
+    );
+
+    let request = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-00"))
+        .body(body);
+    let response = signed.apply(request).send().await.expect("response");
+    assert_eq!(response.status(), 401);
+    response.bytes().await.expect("body");
+
+    let line = request_line(&server, "/v1/chat/completions", 401).await;
+    assert_eq!(line["error"], "invalid_signature");
+    assert_eq!(line["httpRequest"]["status"], 401);
+    assert_eq!(
+        line["logging.googleapis.com/trace"],
+        format!("projects/my-project/traces/{TRACE_ID}")
+    );
+    assert_eq!(line["logging.googleapis.com/spanId"], "00f067aa0ba902b7");
+    assert_eq!(line["logging.googleapis.com/trace_sampled"], false);
+    assert_no_secret(&server.output(), &[&signature, &signed.signature]);
+}
+
+#[tokio::test]
+async fn without_a_project_id_there_is_no_trace_field_and_routes_are_not_raw_paths() {
+    let upstream = MockUpstream::openai().await;
+    let env = base_env(&upstream.url());
+    let server = ServerProcess::start(&env).await;
+    let response = reqwest::Client::new()
+        .get(server.url("/no/such/path"))
+        .header("x-cloud-trace-context", format!("{TRACE_ID}/1;o=1"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 404);
+    response.bytes().await.expect("body");
+
+    let line = request_line(&server, "/no/such/path", 404).await;
+    assert_eq!(line["error"], "not_found");
+    assert_eq!(line["httpRequest"]["requestUrl"], "/no/such/path");
+    assert!(line.get("logging.googleapis.com/trace").is_none(), "{line}");
+    assert!(line.get("trace").is_none(), "the raw header is not a field: {line}");
+}
+
+#[tokio::test]
+async fn log_format_text_writes_lines_for_humans() {
+    let upstream = MockUpstream::openai().await;
+    let mut env: HashMap<String, String> = base_env(&upstream.url());
+    set(&mut env, "LOG_FORMAT", "text");
+    let mut child = binary()
+        .envs(&env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+
+    let mut port = None;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await else {
+            break;
+        };
+        seen.push(line.clone());
+        if line.contains("listening") {
+            port = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok());
+            break;
+        }
+    }
+    let port = port.unwrap_or_else(|| panic!("a text listening line with address= in {seen:?}"));
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .header("x-request-id", "req-text-1")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("body");
+
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("req-text-1") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the request line in time");
+    assert!(serde_json::from_str::<Value>(&line).is_err(), "not JSON: {line}");
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(
+        line.contains("path=\"/health\"") || line.contains("path=/health"),
+        "{line}"
+    );
+    assert!(!line.contains('\u{1b}'), "no colour codes off a terminal: {line}");
+    let _ = child.kill().await;
+}
