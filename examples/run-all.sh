@@ -153,7 +153,10 @@ for name in main limited_python limited_node badkey; do
   [ -n "$(value "$name" URL)" ] && [ -n "$(value "$name" JWT)" ] || { logs; fail "no URL or JWT in $name's banner"; }
 done
 wait_for serve '"listening"'
-serve_url=http://127.0.0.1:$(sed -n 's/.*"listening","address":"[^"]*:\([0-9]*\)".*/\1/p' "$work/serve.log" | head -n 1)
+# The JSON log line `listening` names the bound address (0.0.0.0:PORT in serve mode).
+serve_port=$(sed -n '/"listening"/ s/.*"address":"[^"]*:\([0-9]*\)".*/\1/p' "$work/serve.log" | head -n 1)
+[ -n "$serve_port" ] || { logs; fail "no address in the serve log's listening line"; }
+serve_url=http://127.0.0.1:$serve_port
 wait_for backend '^URL='
 curl -sS --fail --max-time 5 "$(value main URL)/health" >/dev/null || fail "the dev proxy's /health does not answer"
 curl -sS --fail --max-time 5 "$serve_url/health" >/dev/null || fail "$serve_url/health does not answer"
