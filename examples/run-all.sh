@@ -174,20 +174,21 @@ API_KEY_SERVER_BIN=$bin
 export PROXY_URL PROXY_JWT PROXY_HMAC_CLIENT PROXY_HMAC_SECRET PROXY_EXPECT PROXY_PRODUCT API_KEY_SERVER_BIN
 
 # The error examples: a limited proxy each (their quotas get used up), one badkey proxy.
-errors_env() {
-  echo PROXY_LIMITED_URL="$(value "limited_$1" URL)" PROXY_LIMITED_JWT="$(value "limited_$1" JWT)" \
-    PROXY_BADKEY_URL="$(value badkey URL)" PROXY_BADKEY_JWT="$(value badkey JWT)" \
-    PROXY_BADKEY_UPSTREAM_REQUESTS="$(value fake401 URL | sed 's|/v1/chat/completions$|/requests|')"
-}
+badkey_env=(PROXY_BADKEY_URL="$(value badkey URL)" PROXY_BADKEY_JWT="$(value badkey JWT)"
+  PROXY_BADKEY_UPSTREAM_REQUESTS="$(value fake401 URL | sed 's|/v1/chat/completions$|/requests|')")
 # The token-refresh examples: the serve-mode proxy and the backend; 6 s tokens, refreshed
 # with less than 3 s left, so each example waits about 3 s.
 refresh_env=(PROXY_URL="$serve_url" BACKEND_URL="$(value backend URL)"
   BACKEND_SESSION=demo-session-of-user-42 REFRESH_MARGIN_SECONDS=3)
 
+# run NAME COMMAND...: runs one example, at most 2 minutes (an SDK that wrongly honoured
+# a daily quota's Retry-After would sleep until midnight).
 run() {
-  local name=$1
+  local name=$1 status=0
   shift
-  if ! "$@" >"$work/$name.out" 2>&1; then
+  timeout 120 "$@" >"$work/$name.out" 2>&1 || status=$?
+  if [ "$status" != 0 ]; then
+    [ "$status" = 124 ] && echo "(timed out after 120 s)" >>"$work/$name.out"
     echo "examples/run-all.sh: $name failed:" >&2
     cat "$work/$name.out" >&2
     logs
@@ -198,18 +199,17 @@ run() {
     cat "$work/$name.out"
   fi
 }
-# shellcheck disable=SC2046 # errors_env prints VAR=value words without spaces
-{
-  run python_chat_jwt "$python" examples/python/chat_jwt.py
-  run python_chat_hmac "$python" examples/python/chat_hmac.py
-  run python_errors env $(errors_env python) "$python" examples/python/errors.py
-  run python_desktop_client env "${refresh_env[@]}" "$python" examples/python/desktop_client.py
-  run node_chat_jwt node examples/node/chat_jwt.js
-  run node_chat_hmac node examples/node/chat_hmac.js
-  run node_errors env $(errors_env node) node examples/node/errors.js
-  run node_desktop_client env "${refresh_env[@]}" node examples/node/desktop_client.js
-  run curl bash examples/curl.sh
-}
+run python_chat_jwt "$python" examples/python/chat_jwt.py
+run python_chat_hmac "$python" examples/python/chat_hmac.py
+run python_errors env PROXY_LIMITED_URL="$(value limited_python URL)" PROXY_LIMITED_JWT="$(value limited_python JWT)" \
+  "${badkey_env[@]}" "$python" examples/python/errors.py
+run python_desktop_client env "${refresh_env[@]}" "$python" examples/python/desktop_client.py
+run node_chat_jwt node examples/node/chat_jwt.js
+run node_chat_hmac node examples/node/chat_hmac.js
+run node_errors env PROXY_LIMITED_URL="$(value limited_node URL)" PROXY_LIMITED_JWT="$(value limited_node JWT)" \
+  "${badkey_env[@]}" node examples/node/errors.js
+run node_desktop_client env "${refresh_env[@]}" node examples/node/desktop_client.js
+run curl bash examples/curl.sh
 
 kill -TERM "${pid[main]}"
 status=0
