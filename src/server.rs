@@ -9,9 +9,13 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,6 +23,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
 
 use crate::app::{AppState, router};
 use crate::metrics::{self, MetricsServer};
@@ -100,7 +105,6 @@ async fn serve(listener: TcpListener, app: Router, options: Options, shutdown: i
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    let service = TowerToHyperService::new(app);
 
     tokio::pin!(shutdown);
     loop {
@@ -117,12 +121,28 @@ async fn serve(listener: TcpListener, app: Router, options: Options, shutdown: i
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service.clone())
-            .into_owned();
+        // hyper's header timeout starts only once it knows the protocol: a client that
+        // sends nothing, or part of an HTTP/2 preface, or only a preface, would hold its
+        // socket forever. The first request head must arrive within the client timeout.
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&first_request);
+        let service = TowerToHyperService::new(app.clone().map_request(move |request: Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
+            request
+        }));
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
+        let header_timeout = options.header_timeout;
         tokio::spawn(async move {
-            let _ = connection.await;
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => return,
+                () = tokio::time::sleep(header_timeout) => {}
+            }
+            if first_request.load(Ordering::Relaxed) {
+                let _ = connection.await;
+            }
+            // Else the connection is dropped, which closes the socket.
         });
     }
     drop(listener);

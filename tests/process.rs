@@ -4,16 +4,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::response::Response;
-use axum::routing::post;
 use bytes::Bytes;
-use common::{HMAC_SECRET, MockUpstream, PRODUCT_KEY, ServerProcess, base_env, binary, channel_body, jwt, set};
-use http::HeaderValue;
-use tokio::sync::oneshot;
+use common::{HMAC_SECRET, MockUpstream, PRODUCT_KEY, ServerProcess, base_env, binary, jwt, set};
 
 /// Runs the binary with `env` and returns (exit code, stderr, stdout).
 async fn run_to_exit(env: &HashMap<String, String>) -> (i32, String, String) {
@@ -162,26 +156,7 @@ async fn an_unreachable_redis_neither_delays_nor_fails_startup() {
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_stream_finish_then_exits_0() {
-    let (tx, rx) = oneshot::channel();
-    let slot = Arc::new(Mutex::new(Some(tx)));
-    let router = Router::new().route(
-        "/v1/chat/completions",
-        post(move || {
-            let slot = slot.clone();
-            async move {
-                let (feed, body, _dropped) = channel_body();
-                if let Some(tx) = slot.lock().unwrap().take() {
-                    let _ = tx.send(feed);
-                }
-                let mut response = Response::new(body);
-                response
-                    .headers_mut()
-                    .insert("content-type", HeaderValue::from_static("text/event-stream"));
-                response
-            }
-        }),
-    );
-    let upstream = MockUpstream::start(router).await;
+    let (upstream, rx) = MockUpstream::driven().await;
     let env = base_env(&upstream.url());
     let mut server = ServerProcess::start(&env).await;
     let mut response = reqwest::Client::new()
@@ -191,7 +166,7 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits_0() {
         .send()
         .await
         .unwrap();
-    let feed = rx.await.unwrap();
+    let (feed, _dropped) = rx.await.unwrap();
     feed.send(Ok(Bytes::from_static(b"data: 1\n\n"))).await.unwrap();
     assert_eq!(response.chunk().await.unwrap().unwrap(), "data: 1\n\n");
 
@@ -215,22 +190,7 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits_0() {
 
 #[tokio::test]
 async fn the_drain_ends_after_the_grace_period() {
-    let (tx, rx) = oneshot::channel();
-    let slot = Arc::new(Mutex::new(Some(tx)));
-    let router = Router::new().route(
-        "/v1/chat/completions",
-        post(move || {
-            let slot = slot.clone();
-            async move {
-                let (feed, body, _dropped) = channel_body();
-                if let Some(tx) = slot.lock().unwrap().take() {
-                    let _ = tx.send(feed);
-                }
-                Response::new(body)
-            }
-        }),
-    );
-    let upstream = MockUpstream::start(router).await;
+    let (upstream, rx) = MockUpstream::driven().await;
     let mut env = base_env(&upstream.url());
     set(&mut env, "SHUTDOWN_GRACE_SECONDS", "0.5");
     let mut server = ServerProcess::start(&env).await;
@@ -241,7 +201,7 @@ async fn the_drain_ends_after_the_grace_period() {
         .send()
         .await
         .unwrap();
-    let _feed = rx.await.unwrap();
+    let (_feed, _dropped) = rx.await.unwrap();
     let started = std::time::Instant::now();
     server.terminate();
     let status = tokio::time::timeout(Duration::from_secs(10), server.child.wait())

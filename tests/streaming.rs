@@ -8,41 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
-use common::{MockUpstream, TestApp, channel_body, jwt};
-use http::HeaderValue;
-use tokio::sync::{mpsc, oneshot};
+use common::{MockUpstream, TestApp, jwt};
+use tokio::sync::oneshot;
 
 const STREAM: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
-
-type Feed = mpsc::Sender<Result<Bytes, std::io::Error>>;
-
-/// An upstream whose one streamed response the test drives chunk by chunk. It hands the
-/// test the chunk sender and a signal that fires when the proxy drops the body.
-async fn driven_upstream() -> (MockUpstream, oneshot::Receiver<(Feed, oneshot::Receiver<()>)>) {
-    let (tx, rx) = oneshot::channel();
-    let slot = Arc::new(Mutex::new(Some(tx)));
-    let router = Router::new().route(
-        "/v1/chat/completions",
-        post(move || {
-            let slot = slot.clone();
-            async move {
-                let (feed, body, dropped) = channel_body();
-                if let Some(tx) = slot.lock().unwrap().take() {
-                    let _ = tx.send((feed, dropped));
-                }
-                let mut response = Response::new(body);
-                response
-                    .headers_mut()
-                    .insert("content-type", HeaderValue::from_static("text/event-stream"));
-                response
-            }
-        }),
-    );
-    (MockUpstream::start(router).await, rx)
-}
 
 fn event(text: &str) -> Bytes {
     Bytes::from(format!(
@@ -59,7 +30,7 @@ async fn next_chunk(response: &mut reqwest::Response) -> Option<Bytes> {
 
 #[tokio::test]
 async fn each_chunk_reaches_the_client_before_the_upstream_sends_the_next() {
-    let (upstream, feed) = driven_upstream().await;
+    let (upstream, feed) = MockUpstream::driven().await;
     let app = TestApp::spawn(&upstream.url(), &[]).await;
     let mut response = app.chat(STREAM).await;
     assert_eq!(response.status(), 200);
@@ -95,7 +66,7 @@ async fn the_mock_openai_stream_passes_through_whole() {
 
 #[tokio::test]
 async fn an_upstream_failure_after_the_headers_cuts_the_stream_without_a_clean_end() {
-    let (upstream, feed) = driven_upstream().await;
+    let (upstream, feed) = MockUpstream::driven().await;
     let app = TestApp::spawn(&upstream.url(), &[]).await;
     let mut response = app.chat(STREAM).await;
     let (feed, _dropped) = feed.await.unwrap();
@@ -111,7 +82,7 @@ async fn an_upstream_failure_after_the_headers_cuts_the_stream_without_a_clean_e
 
 #[tokio::test]
 async fn an_upstream_silent_longer_than_the_idle_timeout_cuts_the_stream() {
-    let (upstream, feed) = driven_upstream().await;
+    let (upstream, feed) = MockUpstream::driven().await;
     let app = TestApp::spawn(&upstream.url(), &[("UPSTREAM_IDLE_TIMEOUT_SECONDS", "0.3")]).await;
     let mut response = app.chat(STREAM).await;
     let (feed, mut dropped) = feed.await.unwrap();
@@ -132,7 +103,7 @@ async fn an_upstream_silent_longer_than_the_idle_timeout_cuts_the_stream() {
 
 #[tokio::test]
 async fn slow_but_steady_streams_outlive_the_header_timeout() {
-    let (upstream, feed) = driven_upstream().await;
+    let (upstream, feed) = MockUpstream::driven().await;
     let app = TestApp::spawn(
         &upstream.url(),
         &[
@@ -155,7 +126,7 @@ async fn slow_but_steady_streams_outlive_the_header_timeout() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_the_upstream_request() {
-    let (upstream, feed) = driven_upstream().await;
+    let (upstream, feed) = MockUpstream::driven().await;
     let app = TestApp::spawn(&upstream.url(), &[]).await;
     let mut response = app.chat(STREAM).await;
     let (feed, mut dropped) = feed.await.unwrap();

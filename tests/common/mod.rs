@@ -190,6 +190,34 @@ impl MockUpstream {
         Self { addr, received, task }
     }
 
+    /// An upstream whose first streamed response the test drives chunk by chunk: it hands
+    /// the test the chunk sender and a signal that fires when the proxy drops the body.
+    pub async fn driven() -> (
+        Self,
+        tokio::sync::oneshot::Receiver<(Feed, tokio::sync::oneshot::Receiver<()>)>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let slot = Arc::new(Mutex::new(Some(tx)));
+        let router = Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let slot = slot.clone();
+                async move {
+                    let (feed, body, dropped) = channel_body();
+                    if let Some(tx) = slot.lock().unwrap().take() {
+                        let _ = tx.send((feed, dropped));
+                    }
+                    let mut response = Response::new(body);
+                    response
+                        .headers_mut()
+                        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+                    response
+                }
+            }),
+        );
+        (Self::start(router).await, rx)
+    }
+
     /// An upstream that answers like OpenAI: JSON, or SSE when the body asks to stream.
     pub async fn openai() -> Self {
         Self::start(Router::new().route("/v1/chat/completions", axum::routing::post(openai_handler))).await
@@ -432,14 +460,13 @@ fn listening_port(line: &str) -> Option<u16> {
     address.rsplit(':').next()?.parse().ok()
 }
 
+/// The sending side of [`channel_body`].
+pub type Feed = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
 /// A response body fed by the test: each `send` is one chunk; dropping the sender ends
 /// the body cleanly, sending an `Err` aborts it. `dropped` fires when the proxy drops the
 /// body (for example because its client went away).
-pub fn channel_body() -> (
-    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    Body,
-    tokio::sync::oneshot::Receiver<()>,
-) {
+pub fn channel_body() -> (Feed, Body, tokio::sync::oneshot::Receiver<()>) {
     struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
     impl Drop for OnDrop {
         fn drop(&mut self) {

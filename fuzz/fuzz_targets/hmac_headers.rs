@@ -1,0 +1,4 @@
+//! libFuzzer target: see `api_key_server_fuzz::hmac_headers`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| api_key_server_fuzz::hmac_headers(data));
