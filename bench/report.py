@@ -226,7 +226,7 @@ def write_svg(path, by_label):
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{total_w}" height="{height}" fill="white"/>']
     panels = [("Requests per second (more is better)", "rps", 0, "#4878a8"),
-              ("Proxy CPU µs per request (less is better)", "cpu_us_per_request", 1, "#c8643c")]
+              ("CPU µs per request of the measured process (less is better)", "cpu_us_per_request", 1, "#c8643c")]
     for index, (title, key, digits, colour) in enumerate(panels):
         top = index * panel_h + 20
         parts.append(f'<text x="10" y="{top}" font-weight="bold">{html.escape(title)}</text>')
