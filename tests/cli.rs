@@ -20,6 +20,23 @@ async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("the binary runs")
 }
 
+/// `mint-jwt` with the test key file `key`, kid, product and user, plus `extra` flags.
+async fn mint(key: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "mint-jwt",
+        "--key",
+        key,
+        "--kid",
+        KID,
+        "--product",
+        PRODUCT,
+        "--user",
+        USER,
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[]).await
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
@@ -49,21 +66,7 @@ fn decode(token: &str, validation: &jsonwebtoken::Validation) -> jsonwebtoken::T
 #[tokio::test]
 async fn mint_jwt_prints_an_rs256_token_that_verifies_with_the_public_key() {
     let key = fixture_path("jwt-private.pem");
-    let output = run(
-        &[
-            "mint-jwt",
-            "--key",
-            &key,
-            "--kid",
-            KID,
-            "--product",
-            PRODUCT,
-            "--user",
-            USER,
-        ],
-        &[],
-    )
-    .await;
+    let output = mint(&key, &[]).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let token = stdout(&output).trim().to_owned();
     assert_eq!(stdout(&output).lines().count(), 1);
@@ -84,27 +87,7 @@ async fn mint_jwt_prints_an_rs256_token_that_verifies_with_the_public_key() {
 #[tokio::test]
 async fn mint_jwt_sets_ttl_issuer_and_audience() {
     let key = fixture_path("jwt-private.pem");
-    let output = run(
-        &[
-            "mint-jwt",
-            "--key",
-            &key,
-            "--kid",
-            KID,
-            "--product",
-            PRODUCT,
-            "--user",
-            USER,
-            "--ttl",
-            "60",
-            "--issuer",
-            "backend",
-            "--audience",
-            "gateway",
-        ],
-        &[],
-    )
-    .await;
+    let output = mint(&key, &["--ttl", "60", "--issuer", "backend", "--audience", "gateway"]).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_issuer(&["backend"]);
@@ -118,21 +101,7 @@ async fn a_minted_token_is_accepted_by_the_proxy() {
     let upstream = MockUpstream::openai().await;
     let app = TestApp::spawn(&upstream.url(), &[]).await;
     let key = fixture_path("jwt-private.pem");
-    let output = run(
-        &[
-            "mint-jwt",
-            "--key",
-            &key,
-            "--kid",
-            KID,
-            "--product",
-            PRODUCT,
-            "--user",
-            USER,
-        ],
-        &[],
-    )
-    .await;
+    let output = mint(&key, &[]).await;
     let response = app
         .client
         .post(app.url("/v1/chat/completions"))
@@ -147,21 +116,7 @@ async fn a_minted_token_is_accepted_by_the_proxy() {
 
 #[tokio::test]
 async fn mint_jwt_refuses_a_missing_key_file_with_exit_2() {
-    let output = run(
-        &[
-            "mint-jwt",
-            "--key",
-            "/nonexistent/key.pem",
-            "--kid",
-            KID,
-            "--product",
-            PRODUCT,
-            "--user",
-            USER,
-        ],
-        &[],
-    )
-    .await;
+    let output = mint("/nonexistent/key.pem", &[]).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(stdout(&output).is_empty());
     let message = stderr(&output);
@@ -173,21 +128,7 @@ async fn mint_jwt_refuses_a_missing_key_file_with_exit_2() {
 async fn mint_jwt_refuses_keys_that_are_not_rsa_private_keys_without_printing_them() {
     for name in ["jwt-public.pem", "ec-private.pem", "weak-private.pem", "README.md"] {
         let key = fixture_path(name);
-        let output = run(
-            &[
-                "mint-jwt",
-                "--key",
-                &key,
-                "--kid",
-                KID,
-                "--product",
-                PRODUCT,
-                "--user",
-                USER,
-            ],
-            &[],
-        )
-        .await;
+        let output = mint(&key, &[]).await;
         assert_eq!(output.status.code(), Some(2), "{name}");
         assert!(stdout(&output).is_empty(), "{name}");
         let message = stderr(&output);
@@ -204,23 +145,7 @@ async fn mint_jwt_refuses_keys_that_are_not_rsa_private_keys_without_printing_th
 #[tokio::test]
 async fn mint_jwt_refuses_a_zero_ttl() {
     let key = fixture_path("jwt-private.pem");
-    let output = run(
-        &[
-            "mint-jwt",
-            "--key",
-            &key,
-            "--kid",
-            KID,
-            "--product",
-            PRODUCT,
-            "--user",
-            USER,
-            "--ttl",
-            "0",
-        ],
-        &[],
-    )
-    .await;
+    let output = mint(&key, &["--ttl", "0"]).await;
     assert_eq!(output.status.code(), Some(2));
     assert!(stdout(&output).is_empty());
 }
