@@ -1,42 +1,50 @@
-//! [`AppState`] and the router: the one place where routes and layers are composed.
+//! [`App`] and the request's way through the service: route, handler, log line.
+//!
+//! The routes are few and fixed, so they are matched by hand ([`Route::of`]) rather than
+//! by a router: no per-request service clone, boxed middleware or extension map on the
+//! hot path. [`handle`] is the one entry point the listener calls.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::task::Poll;
 
-use axum::Router;
-use axum::routing::{get, post};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tower_http::catch_panic::CatchPanicLayer;
+use http::Method;
+use hyper::body::Incoming;
 
 use crate::auth::Authenticator;
 use crate::error::ApiError;
 use crate::limit::Limiter;
+use crate::metrics;
 use crate::proxy;
 use crate::settings::Settings;
 use crate::store::Store;
-use crate::telemetry;
+use crate::telemetry::{LogLine, LoggedBody, RequestLog};
 use crate::upstream::Upstream;
 
-/// Everything a request needs, cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub auth: Arc<Authenticator>,
-    pub limiter: Arc<Limiter>,
-    pub upstream: Arc<Upstream>,
-    pub models: Arc<Models>,
+/// Everything a request needs; one per process, shared by reference.
+pub struct App {
+    pub settings: Settings,
+    pub auth: Authenticator,
+    pub limiter: Limiter,
+    pub upstream: Upstream,
+    pub models: Models,
 }
 
-impl AppState {
+impl App {
     /// Builds the state; Redis, when configured, connects in the background.
     pub fn new(settings: Settings) -> Self {
-        let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
+        let store = settings
+            .redis
+            .as_ref()
+            .map(|redis| std::sync::Arc::new(Store::start(redis)));
         Self {
-            auth: Arc::new(Authenticator::new(&settings, store.clone())),
-            limiter: Arc::new(Limiter::new(&settings.limits, store)),
-            upstream: Arc::new(Upstream::new(&settings.upstream)),
-            models: Arc::new(Models::new(&settings.policy.allowed_models)),
-            settings: Arc::new(settings),
+            auth: Authenticator::new(&settings, store.clone()),
+            limiter: Limiter::new(&settings.limits, store),
+            upstream: Upstream::new(&settings.upstream),
+            models: Models::new(&settings.policy.allowed_models),
+            settings,
         }
     }
 }
@@ -66,26 +74,113 @@ impl Models {
     }
 }
 
-/// The service's routes and layers.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(proxy::health).fallback(proxy::get_only))
-        .route("/health", get(proxy::health).fallback(proxy::get_only))
-        .route(
-            "/v1/chat/completions",
-            post(proxy::chat_completions).fallback(proxy::post_only),
-        )
-        .route("/v1/models", get(proxy::list_models).fallback(proxy::get_only))
-        .route("/v1/models/{*model}", get(proxy::get_model).fallback(proxy::get_only))
-        .fallback(proxy::not_found)
-        .with_state(state)
-        // Layers, innermost first (each `.layer` wraps everything above it):
-        // A panic is a defect: answer 500 in the envelope instead of dropping the
-        // connection. Inside the log layer, so the 500 is logged with its request id.
-        .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal)
-        }))
-        // Outermost: the request id exists before anything can fail, every response
-        // carries it, and the log line sees the final status.
-        .layer(axum::middleware::from_fn(telemetry::middleware))
+/// The contract's routes. Paths match exactly (no trailing-slash or case folding); the
+/// query string plays no part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Health,
+    ChatCompletions,
+    Models,
+    /// `/v1/models/{model}`: the rest of the path, one character or more, is the model id.
+    Model,
+    Unknown,
+}
+
+/// The prefix of [`Route::Model`]'s paths.
+pub const MODEL_PREFIX: &str = "/v1/models/";
+
+impl Route {
+    pub fn of(path: &str) -> Self {
+        match path {
+            "/healthz" => Self::Healthz,
+            "/health" => Self::Health,
+            "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/models" => Self::Models,
+            _ if path.len() > MODEL_PREFIX.len() && path.starts_with(MODEL_PREFIX) => Self::Model,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The route's template: the metrics label and the log line's route.
+    pub fn template(self) -> &'static str {
+        match self {
+            Self::Healthz => "/healthz",
+            Self::Health => "/health",
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Models => "/v1/models",
+            Self::Model => "/v1/models/{*model}",
+            Self::Unknown => metrics::UNMATCHED,
+        }
+    }
+}
+
+/// One request, start to end: route, method check, handler, request id and log line.
+pub async fn handle(app: &App, request: http::Request<Incoming>) -> http::Response<LoggedBody> {
+    let route = Route::of(request.uri().path());
+    let line = LogLine::begin(&request, route.template());
+    let (response, log) = catch_panic(dispatch(app, route, request, line.id())).await;
+    line.finish(response, log)
+}
+
+/// Runs `handler`, answering 500 `internal_error` in the envelope if it panics: a panic is
+/// a defect, and the connection and the request's log line survive it.
+async fn catch_panic(handler: impl Future<Output = (Response, RequestLog)>) -> (Response, RequestLog) {
+    let mut handler = std::pin::pin!(handler);
+    std::future::poll_fn(|cx| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx)))
+            .unwrap_or_else(|_| Poll::Ready((ApiError::Internal.into_response(), RequestLog::default())))
+    })
+    .await
+}
+
+async fn dispatch(
+    app: &App,
+    route: Route,
+    request: http::Request<Incoming>,
+    id: &crate::telemetry::RequestId,
+) -> (Response, RequestLog) {
+    let method = request.method();
+    let get = method == Method::GET || method == Method::HEAD;
+    match route {
+        Route::Unknown => (ApiError::NotFound.into_response(), RequestLog::default()),
+        Route::ChatCompletions if method == Method::POST => proxy::chat_completions(app, request, id).await,
+        Route::ChatCompletions => (
+            ApiError::MethodNotAllowed { allow: "POST" }.into_response(),
+            RequestLog::default(),
+        ),
+        _ if !get => (
+            ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into_response(),
+            RequestLog::default(),
+        ),
+        Route::Healthz | Route::Health => (proxy::health(), RequestLog::default()),
+        Route::Models => proxy::list_models(app, request).await,
+        Route::Model => proxy::get_model(app, request).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_whole_paths_only() {
+        assert_eq!(Route::of("/healthz"), Route::Healthz);
+        assert_eq!(Route::of("/health"), Route::Health);
+        assert_eq!(Route::of("/v1/chat/completions"), Route::ChatCompletions);
+        assert_eq!(Route::of("/v1/models"), Route::Models);
+        assert_eq!(Route::of("/v1/models/gpt-4o"), Route::Model);
+        assert_eq!(Route::of("/v1/models/a/b"), Route::Model);
+        for unknown in [
+            "/",
+            "",
+            "/healthz/",
+            "//healthz",
+            "/V1/models",
+            "/v1/models/",
+            "/v1/chat/completions/x",
+        ] {
+            assert_eq!(Route::of(unknown), Route::Unknown, "{unknown}");
+        }
+    }
 }

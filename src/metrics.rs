@@ -3,13 +3,13 @@
 //!
 //! The metrics are process-wide (one registry per process, like the process's own
 //! counters): every instance is scraped on its own, so there is nothing to share and no
-//! reason to thread a handle through [`crate::app::AppState`]. The update functions are
+//! reason to thread a handle through [`crate::app::App`]. The update functions are
 //! cheap enough for the request path: label values are `&'static str` or integers, so a
 //! call is one read-locked map lookup and an atomic add, and allocates only the first
 //! time a label set is seen.
 //!
-//! Label cardinality is bounded by construction: routes are the router's templates (never
-//! a raw path), statuses and error codes come from the contract's tables, and the limiter
+//! Label cardinality is bounded by construction: routes are the templates of
+//! [`crate::app::Route`] (never a raw path, and `&'static str` by type), statuses and error codes come from the contract's tables, and the limiter
 //! labels are fixed words. Nothing here may ever take a product, user, key or path.
 //!
 //! The listener serves only `GET /metrics`. On Cloud Run the port is reachable only
@@ -17,7 +17,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{LazyLock, RwLock};
+use std::sync::LazyLock;
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
@@ -45,10 +45,6 @@ const LATENCY_BUCKETS: [f64; 14] = [
 const LIMITER_OUTCOMES: [&str; 3] = ["admitted", "rate_limited", "quota_exceeded"];
 const LIMITER_BACKENDS: [&str; 2] = ["redis", "memory"];
 
-/// More distinct route templates than the router can have means something passes raw
-/// paths: stop adding label values instead of growing without bound.
-const MAX_ROUTES: usize = 64;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
@@ -71,7 +67,6 @@ struct Metrics {
     redis_errors: Counter,
     redis_configured: Gauge,
     redis_fallback: Gauge,
-    routes: RwLock<Vec<&'static str>>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -127,16 +122,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         redis_errors,
         redis_configured,
         redis_fallback,
-        routes: RwLock::new(Vec::new()),
     }
 });
 
-/// Counts one answered request. `route` is the matched route template (axum's
-/// `MatchedPath`, e.g. `/v1/models/{*model}`) or [`UNMATCHED`]; `code` is the error code
+/// Counts one answered request. `route` is the matched route template
+/// ([`crate::app::Route::template`], e.g. `/v1/models/{*model}`) or [`UNMATCHED`]; `code` is the error code
 /// of the response, `None` for a success. Called from the request's log line.
-pub fn request(route: &str, status: u16, code: Option<&'static str>) {
+pub fn request(route: &'static str, status: u16, code: Option<&'static str>) {
     let labels = RequestLabels {
-        route: intern_route(route),
+        route,
         status,
         code: code.unwrap_or(""),
     };
@@ -183,34 +177,6 @@ pub fn render() -> String {
     text
 }
 
-/// A route template as a `&'static str`, so that the label set needs no allocation per
-/// request. The templates are few and fixed (they come from the router), so each is
-/// leaked once; past [`MAX_ROUTES`] the label is `other`.
-fn intern_route(route: &str) -> &'static str {
-    if route == UNMATCHED {
-        return UNMATCHED;
-    }
-    let routes = &METRICS.routes;
-    if let Some(found) = routes
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .find(|r| **r == route)
-    {
-        return found;
-    }
-    let mut routes = routes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(found) = routes.iter().find(|r| **r == route) {
-        return found;
-    }
-    if routes.len() >= MAX_ROUTES {
-        return "other";
-    }
-    let leaked: &'static str = Box::leak(route.into());
-    routes.push(leaked);
-    leaked
-}
-
 /// The `GET /metrics` listener started by [`serve`].
 pub struct MetricsServer {
     /// The address bound (useful with port 0).
@@ -250,14 +216,6 @@ async fn scrape() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_are_interned_once_and_unmatched_stays_unmatched() {
-        let a = intern_route("/v1/test-route/{x}");
-        let b = intern_route(&String::from("/v1/test-route/{x}"));
-        assert!(std::ptr::eq(a, b));
-        assert_eq!(intern_route(UNMATCHED), UNMATCHED);
-    }
 
     #[test]
     fn render_holds_every_metric_family() {

@@ -1,47 +1,41 @@
 //! The request path: read body -> authenticate -> validate -> limit -> forward -> respond.
 //!
 //! Each step is a plain call that returns the contract's error; the order of the calls
-//! is the contract's order of checks. Handlers record what the log line needs in a
-//! [`RequestLog`] on the response.
+//! is the contract's order of checks. Handlers return what the log line needs as a
+//! [`RequestLog`] beside the response.
 
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
 
-use crate::app::AppState;
+use crate::app::{App, MODEL_PREFIX};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::telemetry::{RequestId, RequestLog};
 use crate::validate;
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(app): State<AppState>, request: Request) -> Response {
+pub async fn chat_completions(app: &App, request: Request<Incoming>, id: &RequestId) -> (Response, RequestLog) {
     let (parts, body) = request.into_parts();
-    let id = parts
-        .extensions
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or_else(RequestId::generate);
     let mut log = RequestLog::default();
-    let mut response = match chat(&app, &id, parts.uri.path(), &parts.headers, body, &mut log).await {
+    let response = match chat(app, id, parts.uri.path(), &parts.headers, body, &mut log).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    response.extensions_mut().insert(log);
-    response
+    (response, log)
 }
 
 async fn chat(
-    app: &AppState,
+    app: &App,
     id: &RequestId,
     path: &str,
     headers: &HeaderMap,
-    body: Body,
+    body: Incoming,
     log: &mut RequestLog,
 ) -> Result<Response, ApiError> {
     let settings = &app.settings;
@@ -74,33 +68,28 @@ async fn chat(
 }
 
 /// `GET /v1/models`: the allowed models in OpenAI's list format.
-pub async fn list_models(State(app): State<AppState>, request: Request) -> Response {
+pub async fn list_models(app: &App, request: Request<Incoming>) -> (Response, RequestLog) {
     let (request, _) = request.into_parts();
     let mut log = RequestLog::default();
-    let result = authenticate_get(&app, &request, &mut log)
+    let result = authenticate_get(app, &request, &mut log)
         .await
         .map(|()| json(app.models.list.clone()));
-    finish(result, log)
+    (result.unwrap_or_else(IntoResponse::into_response), log)
 }
 
 /// `GET /v1/models/{model}`: one allowed model, or 404 `model_not_found`.
-pub async fn get_model(State(app): State<AppState>, request: Request) -> Response {
+pub async fn get_model(app: &App, request: Request<Incoming>) -> (Response, RequestLog) {
     let (request, _) = request.into_parts();
     let mut log = RequestLog::default();
-    let result = authenticate_get(&app, &request, &mut log).await.and_then(|()| {
-        let prefix_len = "/v1/models/".len();
-        let name = request.uri.path().get(prefix_len..).unwrap_or_default();
+    let result = authenticate_get(app, &request, &mut log).await.and_then(|()| {
+        let name = request.uri.path().get(MODEL_PREFIX.len()..).unwrap_or_default();
         let name = percent_decode(name);
         app.models.one(&name).map(json).ok_or(ApiError::ModelNotFound)
     });
-    finish(result, log)
+    (result.unwrap_or_else(IntoResponse::into_response), log)
 }
 
-async fn authenticate_get(
-    app: &AppState,
-    request: &http::request::Parts,
-    log: &mut RequestLog,
-) -> Result<(), ApiError> {
+async fn authenticate_get(app: &App, request: &http::request::Parts, log: &mut RequestLog) -> Result<(), ApiError> {
     let identity = app
         .auth
         .verify(&request.method, request.uri.path(), &request.headers, &[])
@@ -109,35 +98,14 @@ async fn authenticate_get(
     Ok(())
 }
 
-fn finish(result: Result<Response, ApiError>, log: RequestLog) -> Response {
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    response.extensions_mut().insert(log);
-    response
-}
-
 fn record_identity(log: &mut RequestLog, identity: &Identity) {
     log.product = Some(identity.product.clone());
     log.user = Some(identity.user.clone());
 }
 
 /// `GET /healthz`, `GET /health`.
-pub async fn health() -> Response {
+pub fn health() -> Response {
     json(Bytes::from_static(b"{\"status\":\"ok\"}"))
-}
-
-/// Any unknown path.
-pub async fn not_found() -> ApiError {
-    ApiError::NotFound
-}
-
-/// 405 for the routes that take `GET` (and so `HEAD`).
-pub async fn get_only() -> ApiError {
-    ApiError::MethodNotAllowed { allow: "GET, HEAD" }
-}
-
-/// 405 for the routes that take `POST`.
-pub async fn post_only() -> ApiError {
-    ApiError::MethodNotAllowed { allow: "POST" }
 }
 
 fn json(body: Bytes) -> Response {
@@ -152,7 +120,7 @@ fn json(body: Bytes) -> Response {
 /// The whole body, refused with 413 as soon as its declared or actual size is over
 /// `limit` (the declared size is checked before reading a byte), and with 408 when it
 /// takes longer than `timeout`.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

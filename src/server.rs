@@ -13,19 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tower::ServiceExt as _;
 
-use crate::app::{AppState, router};
+use crate::app::{self, App};
 use crate::metrics::{self, MetricsServer};
 use crate::settings::Settings;
 
@@ -68,7 +65,7 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
         header_timeout: settings.client_timeout,
         grace: settings.shutdown_grace,
     };
-    let app = router(AppState::new(settings));
+    let app = Arc::new(App::new(settings));
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, app, options, async move {
         let _ = rx.await;
@@ -96,7 +93,7 @@ struct Options {
     grace: Duration,
 }
 
-async fn serve(listener: TcpListener, app: Router, options: Options, shutdown: impl Future<Output = ()>) {
+async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -125,11 +122,10 @@ async fn serve(listener: TcpListener, app: Router, options: Options, shutdown: i
         // sends nothing, or part of an HTTP/2 preface, or only a preface, would hold its
         // socket forever. The first request head must arrive within the client timeout.
         let first_request = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&first_request);
-        let service = TowerToHyperService::new(app.clone().map_request(move |request: Request<Incoming>| {
-            seen.store(true, Ordering::Relaxed);
-            request
-        }));
+        let service = Service {
+            app: Arc::clone(&app),
+            seen: Arc::clone(&first_request),
+        };
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         let header_timeout = options.header_timeout;
@@ -149,6 +145,26 @@ async fn serve(listener: TcpListener, app: Router, options: Options, shutdown: i
     tracing::info!("shutting down: draining in-flight requests");
     if tokio::time::timeout(options.grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over: closing the remaining connections");
+    }
+}
+
+/// One connection's service: each request goes to [`app::handle`].
+#[derive(Clone)]
+struct Service {
+    app: Arc<App>,
+    /// Set by the first request, for the first-request-head timer.
+    seen: Arc<AtomicBool>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Service {
+    type Response = Response<crate::telemetry::LoggedBody>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.seen.store(true, Ordering::Relaxed);
+        let app = Arc::clone(&self.app);
+        Box::pin(async move { Ok(app::handle(&app, request).await) })
     }
 }
 

@@ -2,9 +2,9 @@
 //!
 //! The line is written when the response body ends (or is dropped), not when the
 //! headers leave, so that a stream cut by the upstream is logged as `upstream_aborted`
-//! and its latency covers the whole stream. Handlers put what they know (identity,
-//! upstream status) into the response's extensions as a [`RequestLog`]; errors put their
-//! [`ErrorCode`]. No body, key, token or signature is ever a field.
+//! and its latency covers the whole stream. Handlers return what they know (identity,
+//! upstream status) as a [`RequestLog`]; error responses carry their [`ErrorCode`] in
+//! their extensions. No body, key, token or signature is ever a field.
 //!
 //! The same line counts the request in [`crate::metrics`] (by route template, status and
 //! error code) and records the upstream latency. The JSON format for Cloud Logging lives
@@ -19,8 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderValue, Method, header};
@@ -106,59 +104,61 @@ pub struct RequestLog {
     pub upstream_latency: Option<std::time::Duration>,
 }
 
-/// Middleware: request id in, request id out, and the log line when the body ends.
-pub async fn middleware(mut request: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let id = RequestId::from_client(request.headers().get(X_REQUEST_ID));
-    let method = request.method().clone();
-    let path: Box<str> = request.uri().path().into();
-    // This layer wraps each route (axum's `Router::layer`), so routing has already put
-    // the route template here; the fallback (unknown paths) has none.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    // Cheap clones of what the line reports; Cloud Run sets both trace headers, W3C first.
-    let headers = request.headers();
-    let user_agent = headers.get(header::USER_AGENT).cloned();
-    let trace = headers
-        .get("traceparent")
-        .or_else(|| headers.get("x-cloud-trace-context"))
-        .cloned();
-    request.extensions_mut().insert(id.clone());
-
-    let mut response = next.run(request).await;
-    response.headers_mut().insert(X_REQUEST_ID, id.0.clone());
-    let log = response.extensions_mut().remove::<RequestLog>().unwrap_or_default();
-    let error = response.extensions().get::<ErrorCode>().map(|c| c.0);
-    let line = LogLine {
-        start,
-        method,
-        path,
-        route,
-        status: response.status().as_u16(),
-        id,
-        log,
-        error,
-        user_agent,
-        trace,
-    };
-    response.map(|body| {
-        Body::new(LoggedBody {
-            inner: body,
-            line: Some(line),
-        })
-    })
-}
-
-struct LogLine {
+/// The request's log line, begun when the request arrives ([`LogLine::begin`]) and
+/// written when the response body ends ([`LogLine::finish`] hands it to the body).
+pub struct LogLine {
     start: Instant,
     method: Method,
     path: Box<str>,
-    route: Option<MatchedPath>,
+    route: &'static str,
     status: u16,
     id: RequestId,
     log: RequestLog,
     error: Option<&'static str>,
     user_agent: Option<HeaderValue>,
     trace: Option<HeaderValue>,
+}
+
+impl LogLine {
+    /// Takes what the line reports from the request (cheap clones) and settles its id.
+    /// `route` is the route's template ([`crate::app::Route::template`]).
+    pub fn begin<B>(request: &http::Request<B>, route: &'static str) -> Self {
+        let headers = request.headers();
+        Self {
+            start: Instant::now(),
+            method: request.method().clone(),
+            path: request.uri().path().into(),
+            route,
+            status: 0,
+            id: RequestId::from_client(headers.get(X_REQUEST_ID)),
+            log: RequestLog::default(),
+            error: None,
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            // Cloud Run sets both trace headers, W3C first.
+            trace: headers
+                .get("traceparent")
+                .or_else(|| headers.get("x-cloud-trace-context"))
+                .cloned(),
+        }
+    }
+
+    /// The request's id, sent upstream and back.
+    pub fn id(&self) -> &RequestId {
+        &self.id
+    }
+
+    /// Stamps the request id on the response and hands the line to its body, which writes
+    /// it when it ends.
+    pub fn finish(mut self, mut response: Response, log: RequestLog) -> http::Response<LoggedBody> {
+        response.headers_mut().insert(X_REQUEST_ID, self.id.0.clone());
+        self.status = response.status().as_u16();
+        self.error = response.extensions().get::<ErrorCode>().map(|c| c.0);
+        self.log = log;
+        response.map(|body| LoggedBody {
+            inner: body,
+            line: Some(self),
+        })
+    }
 }
 
 /// How the response body ended.
@@ -179,8 +179,7 @@ impl LogLine {
             End::ClientClosed if self.error.is_none() => Some("client_closed"),
             _ => self.error,
         };
-        let route = self.route.as_ref().map_or(metrics::UNMATCHED, MatchedPath::as_str);
-        metrics::request(route, self.status, error);
+        metrics::request(self.route, self.status, error);
         if let Some(latency) = self.log.upstream_latency {
             metrics::upstream_latency(latency.as_secs_f64());
         }
@@ -211,7 +210,7 @@ impl LogLine {
 }
 
 /// The response body, which writes the request's log line when it ends.
-struct LoggedBody {
+pub struct LoggedBody {
     inner: Body,
     line: Option<LogLine>,
 }
