@@ -21,7 +21,7 @@ use crate::store::Store;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub product: Arc<str>,
-    pub user: Box<str>,
+    pub user: Arc<str>,
     /// The HMAC client that signed the request (`None` for JWT).
     pub client: Option<Arc<str>>,
 }
@@ -102,6 +102,8 @@ impl AuthError {
     }
 }
 
+const X_SIGNATURE: http::HeaderName = http::HeaderName::from_static("x-signature");
+
 /// Verifies credentials with both methods' settings.
 pub struct Authenticator {
     jwt: jwt::JwtVerifier,
@@ -126,7 +128,7 @@ impl Authenticator {
         body: &[u8],
     ) -> Result<Identity, AuthError> {
         let jwt = headers.contains_key(header::AUTHORIZATION);
-        let hmac = headers.contains_key("x-signature");
+        let hmac = headers.contains_key(X_SIGNATURE);
         match (jwt, hmac) {
             (true, true) => Err(AuthError::AmbiguousCredentials),
             (false, false) => Err(AuthError::MissingCredentials),

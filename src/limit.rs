@@ -148,7 +148,7 @@ impl Decision {
 /// Whose bucket and counter a decision is about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
-    User { product: Arc<str>, user: Box<str> },
+    User { product: Arc<str>, user: Arc<str> },
     Client(Arc<str>),
 }
 
@@ -210,7 +210,7 @@ impl Limiter {
         let limits = self.settings.for_product(&identity.product);
         let key = Key::User {
             product: Arc::clone(&identity.product),
-            user: identity.user.clone(),
+            user: Arc::clone(&identity.user),
         };
         self.decide(&key, &limits).await.into_result()
     }

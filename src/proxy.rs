@@ -4,6 +4,7 @@
 //! is the contract's order of checks. Handlers return what the log line needs as a
 //! [`RequestLog`] beside the response.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -99,8 +100,8 @@ async fn authenticate_get(app: &App, request: &http::request::Parts, log: &mut R
 }
 
 fn record_identity(log: &mut RequestLog, identity: &Identity) {
-    log.product = Some(identity.product.clone());
-    log.user = Some(identity.user.clone());
+    log.product = Some(Arc::clone(&identity.product));
+    log.user = Some(Arc::clone(&identity.user));
 }
 
 /// `GET /healthz`, `GET /health`.

@@ -81,8 +81,13 @@ impl RequestId {
         // rather than on the first TLS handshake, which needs it anyway.
         let prefix = PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let id = format!("req_{prefix:016x}{n:012x}");
-        Self(HeaderValue::from_str(&id).expect("hex digits are a valid header value"))
+        // `req_`, 16 hex digits of prefix, 12 of counter; written in place, no formatter.
+        let mut id = *b"req_0000000000000000000000000000";
+        let digits = u128::from(*prefix) << 48 | u128::from(n & 0xffff_ffff_ffff);
+        for (i, byte) in id[4..].iter_mut().rev().enumerate() {
+            *byte = b"0123456789abcdef"[usize::try_from((digits >> (4 * i)) & 0xf).unwrap_or(0)];
+        }
+        Self(HeaderValue::from_bytes(&id).expect("hex digits are a valid header value"))
     }
 }
 
@@ -97,7 +102,7 @@ fn is_valid_request_id(id: &[u8]) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct RequestLog {
     pub product: Option<Arc<str>>,
-    pub user: Option<Box<str>>,
+    pub user: Option<Arc<str>>,
     pub upstream_status: Option<u16>,
     pub upstream_request_id: Option<HeaderValue>,
     /// Time from sending the request upstream to the upstream's response headers.
@@ -109,7 +114,7 @@ pub struct RequestLog {
 pub struct LogLine {
     start: Instant,
     method: Method,
-    path: Box<str>,
+    uri: http::Uri,
     route: &'static str,
     status: u16,
     id: RequestId,
@@ -127,7 +132,8 @@ impl LogLine {
         Self {
             start: Instant::now(),
             method: request.method().clone(),
-            path: request.uri().path().into(),
+            // A reference-counted clone: the path stays in the request's bytes.
+            uri: request.uri().clone(),
             route,
             status: 0,
             id: RequestId::from_client(headers.get(X_REQUEST_ID)),
@@ -193,7 +199,7 @@ impl LogLine {
         tracing::info!(
             target: cloud_logging::REQUEST_TARGET,
             method = self.method.as_str(),
-            path = &*self.path,
+            path = self.uri.path(),
             status = self.status,
             latency_ms,
             request_id = self.id.0.to_str().unwrap_or(""),

@@ -138,7 +138,7 @@ impl JwtVerifier {
         if let Some(hit) = self.cache.get(token, now, self.leeway) {
             return Ok(Identity {
                 product: hit.product,
-                user: hit.user.as_ref().into(),
+                user: hit.user,
                 client: None,
             });
         }
@@ -169,11 +169,12 @@ impl JwtVerifier {
             .get(product.as_str())
             .ok_or(AuthError::ProductNotAllowed)?
             .clone();
+        let user: Arc<str> = Arc::from(user.as_str());
         self.cache.insert(
             token,
             Cached {
                 product: product.clone(),
-                user: Arc::from(user.as_str()),
+                user: Arc::clone(&user),
                 exp,
                 nbf: claims.nbf,
             },
@@ -181,7 +182,7 @@ impl JwtVerifier {
         );
         Ok(Identity {
             product,
-            user: user.into_boxed_str(),
+            user,
             client: None,
         })
     }
