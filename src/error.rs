@@ -7,7 +7,7 @@
 
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 
 use crate::auth::AuthError;
 use crate::limit::LimitError;
@@ -66,6 +66,9 @@ struct Described {
 }
 
 const INVALID: &str = "invalid_request_error";
+
+/// A constant, so that the name is validated once, at compile time.
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 impl ApiError {
     // One arm per row of the contract's table reads better than helpers split apart.
@@ -197,7 +200,7 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
-            "x-should-retry",
+            X_SHOULD_RETRY,
             HeaderValue::from_static(if d.retry { "true" } else { "false" }),
         );
         match &self {

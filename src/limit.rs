@@ -13,7 +13,7 @@ mod redis;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use self::memory::MemoryLimiter;
 use self::redis::RedisLimiter;
@@ -33,13 +33,18 @@ pub struct RateLimitHeaders {
     pub reset: Duration,
 }
 
+// Names as constants: inserting by `&'static str` validates the name on every call.
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
 impl RateLimitHeaders {
     pub fn write(&self, headers: &mut HeaderMap) {
-        headers.insert("x-ratelimit-limit-requests", HeaderValue::from(self.limit));
-        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(self.remaining));
+        headers.insert(LIMIT_REQUESTS, HeaderValue::from(self.limit));
+        headers.insert(REMAINING_REQUESTS, HeaderValue::from(self.remaining));
         let reset = openai_duration(self.reset);
         headers.insert(
-            "x-ratelimit-reset-requests",
+            RESET_REQUESTS,
             HeaderValue::from_str(&reset).expect("a formatted duration is a valid header value"),
         );
     }

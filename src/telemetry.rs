@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderValue, Method, header};
+use http::{HeaderName, HeaderValue, Method, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 use tracing_subscriber::EnvFilter;
@@ -59,7 +59,9 @@ pub fn init_with_project(format: LogFormat, gcp_project_id: Option<&str>) {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
 
-const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const X_CLOUD_TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-context");
 
 impl RequestId {
     /// The client's id when it is 1 to 128 characters of `[A-Za-z0-9._-]`, else a new one.
@@ -142,8 +144,8 @@ impl LogLine {
             user_agent: headers.get(header::USER_AGENT).cloned(),
             // Cloud Run sets both trace headers, W3C first.
             trace: headers
-                .get("traceparent")
-                .or_else(|| headers.get("x-cloud-trace-context"))
+                .get(TRACEPARENT)
+                .or_else(|| headers.get(X_CLOUD_TRACE_CONTEXT))
                 .cloned(),
         }
     }
