@@ -8,7 +8,8 @@
 //!
 //! The same line counts the request in [`crate::metrics`] (by route template, status and
 //! error code) and records the upstream latency. The JSON format for Cloud Logging lives
-//! in [`cloud_logging`].
+//! in [`cloud_logging`], which writes the request line itself, without tracing's event
+//! machinery; the text format gets it as a tracing event. Either way `RUST_LOG` decides.
 
 mod cloud_logging;
 
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
+use tracing::Level;
 use tracing_subscriber::EnvFilter;
 
 use crate::error::ErrorCode;
@@ -45,14 +47,19 @@ pub fn init_with_project(format: LogFormat, gcp_project_id: Option<&str>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
-    let _ = match format {
-        LogFormat::Json => builder
-            .event_format(cloud_logging::CloudLogging::new(gcp_project_id))
-            .try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .try_init(),
-    };
+    match format {
+        LogFormat::Json => {
+            if builder.event_format(cloud_logging::CloudLogging).try_init().is_ok() {
+                // Request lines are written without tracing from now on (see `LogLine::emit`).
+                cloud_logging::RequestLines::new(gcp_project_id).install();
+            }
+        }
+        LogFormat::Text => {
+            let _ = builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .try_init();
+        }
+    }
 }
 
 /// The request's id: the client's when valid, else a new one. Sent upstream and back.
@@ -191,28 +198,72 @@ impl LogLine {
         if let Some(latency) = self.log.upstream_latency {
             metrics::upstream_latency(latency.as_secs_f64());
         }
-        let upstream_request_id = self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok());
-        // Both are client-controlled text, so they are only ever values of their own
-        // fields (escaped by the formatter); neither can hold a credential.
-        let user_agent = self.user_agent.as_ref().and_then(|v| v.to_str().ok());
-        let trace = self.trace.as_ref().and_then(|v| v.to_str().ok());
-        // Field names matter to the JSON formatter: method, path, status and latency_ms
-        // also fill `httpRequest`, and `trace` becomes Cloud Logging's trace fields.
+        // A disabled line costs nothing more (`RUST_LOG=warn`, or `request=off`).
+        if !tracing::enabled!(target: cloud_logging::REQUEST_TARGET, Level::INFO) {
+            return;
+        }
+        let fields = RequestFields {
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            status: self.status,
+            latency_ms,
+            request_id: self.id.0.to_str().unwrap_or(""),
+            product: self.log.product.as_deref(),
+            user: self.log.user.as_deref(),
+            error,
+            upstream_status: self.log.upstream_status,
+            upstream_request_id: self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok()),
+            user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            trace: self.trace.as_ref().and_then(|v| v.to_str().ok()),
+        };
+        // The JSON line is written directly: tracing's dispatch, field visiting and
+        // timestamp cost more than the line's `write(2)`. Other formats take the event.
+        match cloud_logging::RequestLines::installed() {
+            Some(lines) => lines.write(&fields),
+            None => fields.event(),
+        }
+    }
+}
+
+/// The request line's fields, in the line's order. No body, key, token or signature.
+struct RequestFields<'a> {
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    latency_ms: f64,
+    request_id: &'a str,
+    product: Option<&'a str>,
+    user: Option<&'a str>,
+    error: Option<&'a str>,
+    upstream_status: Option<u16>,
+    upstream_request_id: Option<&'a str>,
+    /// Client-controlled text, like `trace`: only ever the value of its own field (escaped
+    /// by the formatter); neither can hold a credential. In JSON it fills `httpRequest`.
+    user_agent: Option<&'a str>,
+    /// The `traceparent` or `X-Cloud-Trace-Context` header; in JSON only the ids parsed
+    /// from it are written, under Cloud Logging's own keys.
+    trace: Option<&'a str>,
+}
+
+impl RequestFields<'_> {
+    /// The line as a tracing event, for the text format (and any other subscriber).
+    fn event(&self) {
         tracing::info!(
             target: cloud_logging::REQUEST_TARGET,
-            method = self.method.as_str(),
-            path = self.uri.path(),
+            method = self.method,
+            path = self.path,
             status = self.status,
-            latency_ms,
-            request_id = self.id.0.to_str().unwrap_or(""),
-            product = self.log.product.as_deref(),
-            user = self.log.user.as_deref(),
-            error,
-            upstream_status = self.log.upstream_status,
-            upstream_request_id,
-            user_agent,
-            trace,
-            "request"
+            latency_ms = self.latency_ms,
+            request_id = self.request_id,
+            product = self.product,
+            user = self.user,
+            error = self.error,
+            upstream_status = self.upstream_status,
+            upstream_request_id = self.upstream_request_id,
+            user_agent = self.user_agent,
+            trace = self.trace,
+            "{}",
+            cloud_logging::REQUEST_MESSAGE
         );
     }
 }

@@ -23,6 +23,15 @@ fn chat_body() -> String {
 /// and returns it parsed. The line is written when the response body ends, which can be
 /// a moment after the client read it.
 async fn request_line(server: &ServerProcess, path: &str, status: u64) -> Value {
+    json_line(server, &format!("request line for {path} {status}"), |v| {
+        v["target"] == "request" && v["path"] == path && v["status"] == status
+    })
+    .await
+}
+
+/// Waits (bounded) until the process has logged a JSON line that `matches` (`what` it is
+/// names it in the failure), and returns it parsed.
+async fn json_line(server: &ServerProcess, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..200 {
         let found = server
             .lines
@@ -30,13 +39,13 @@ async fn request_line(server: &ServerProcess, path: &str, status: u64) -> Value 
             .expect("lines")
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["target"] == "request" && v["path"] == path && v["status"] == status);
+            .find(&matches);
         if let Some(line) = found {
             return line;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("no request line for {path} {status} in:\n{}", server.output());
+    panic!("no {what} in:\n{}", server.output());
 }
 
 fn assert_no_secret(output: &str, extra: &[&str]) {
@@ -45,12 +54,24 @@ fn assert_no_secret(output: &str, extra: &[&str]) {
     }
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`: RFC 3339 in UTC, with microseconds.
 fn assert_rfc3339_utc(time: &Value) {
     let time = time.as_str().expect("time is a string");
     let bytes = time.as_bytes();
     assert!(
-        bytes.len() >= 20 && bytes[4] == b'-' && bytes[10] == b'T' && bytes[13] == b':' && time.ends_with('Z'),
-        "time {time} is RFC 3339 in UTC"
+        bytes.len() == 27
+            && bytes[4] == b'-'
+            && bytes[7] == b'-'
+            && bytes[10] == b'T'
+            && bytes[13] == b':'
+            && bytes[16] == b':'
+            && bytes[19] == b'.'
+            && time.ends_with('Z')
+            && bytes
+                .iter()
+                .enumerate()
+                .all(|(i, b)| [4, 7, 10, 13, 16, 19, 26].contains(&i) || b.is_ascii_digit()),
+        "time {time} is RFC 3339 in UTC with microseconds"
     );
 }
 
@@ -172,6 +193,56 @@ async fn without_a_project_id_there_is_no_trace_field_and_routes_are_not_raw_pat
     assert_eq!(line["httpRequest"]["requestUrl"], "/no/such/path");
     assert!(line.get("logging.googleapis.com/trace").is_none(), "{line}");
     assert!(line.get("trace").is_none(), "the raw header is not a field: {line}");
+}
+
+/// Waits (bounded) until the process catches SIGTERM (Linux's `SigCgt` mask): it logs its
+/// address a moment before it installs the handler, and a SIGTERM in between kills it.
+async fn sigterm_caught(server: &ServerProcess) {
+    let status = format!("/proc/{}/status", server.child.id().expect("running"));
+    for _ in 0..200 {
+        let caught = std::fs::read_to_string(&status)
+            .expect("the process's status")
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (15 - 1)) != 0);
+        if caught {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the process never caught SIGTERM");
+}
+
+#[tokio::test]
+async fn request_lines_follow_the_rust_log_filter() {
+    let upstream = MockUpstream::openai().await;
+    // `api_key_server=info` keeps the binary's own lines: its address and `stopped`.
+    for (filter, logged) in [
+        ("info", true),
+        ("warn,api_key_server=info", false),
+        ("info,request=off", false),
+    ] {
+        let mut env = base_env(&upstream.url());
+        env.insert("RUST_LOG".to_owned(), filter.to_owned());
+        let server = ServerProcess::start(&env).await;
+        let response = reqwest::get(server.url("/health")).await.expect("response");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+        // The request's line, if any, is written before the drain ends and `stopped` follows.
+        sigterm_caught(&server).await;
+        server.terminate();
+        json_line(&server, &format!("stopped line with RUST_LOG={filter}"), |v| {
+            v["message"] == "stopped"
+        })
+        .await;
+        let output = server.output();
+        assert_eq!(
+            output.contains(r#""target":"request""#),
+            logged,
+            "RUST_LOG={filter}:\n{output}"
+        );
+    }
 }
 
 #[tokio::test]

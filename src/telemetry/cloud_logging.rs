@@ -1,48 +1,44 @@
-//! The JSON log format for Cloud Logging: one object per line, written straight into the
-//! subscriber's reused line buffer (no `serde_json::Value` per line).
+//! The JSON log format for Cloud Logging: one object per line, written into a reused
+//! line buffer (no `serde_json::Value` per line).
 //!
 //! Cloud Logging reads these keys of a line on stdout into the log entry itself:
 //! `severity`, `message`, `time`, `httpRequest`, `logging.googleapis.com/trace`,
 //! `logging.googleapis.com/spanId` and `logging.googleapis.com/trace_sampled`; every
-//! other key lands in `jsonPayload`. The per-request line (target `request`) gets an
-//! `httpRequest` object built from its fields and, when a project id is configured, the
-//! trace of the request's `traceparent` / `X-Cloud-Trace-Context` header, so that the
-//! line shows up under its trace. The event's own fields are written as they are; this
-//! module never adds anything that was not a field (so never a body or a secret).
+//! other key lands in `jsonPayload`.
+//!
+//! The per-request line (target `request`) does not go through tracing's dispatch and
+//! field visiting: [`RequestLines::write`] writes it straight from its fields, with an
+//! `httpRequest` object built from them and, when a project id is configured, the trace
+//! of the request's `traceparent` / `X-Cloud-Trace-Context` header, so that the line shows
+//! up under its trace. Every other event goes through [`CloudLogging`]. Both write the
+//! same head (`severity`, `time`, `target`), keys and escaping, with the same functions.
+//! This module never adds anything that was not a field (so never a body or a secret).
 
-use std::cell::RefCell;
+mod time;
+
+use std::cell::Cell;
 use std::fmt::{self, Write};
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use super::RequestFields;
 
 /// The target of the per-request line (see [`super::LogLine`]).
 pub(crate) const REQUEST_TARGET: &str = "request";
 
-/// Formats events as Cloud Logging JSON lines.
-pub(crate) struct CloudLogging {
-    /// `projects/<id>/traces/`, or `None` when no project id is configured (a trace field
-    /// without the project would not be linked by Cloud Logging).
-    trace_prefix: Option<Box<str>>,
-}
+/// The request line's `message`.
+pub(crate) const REQUEST_MESSAGE: &str = "request";
 
-impl CloudLogging {
-    pub(crate) fn new(gcp_project_id: Option<&str>) -> Self {
-        Self {
-            trace_prefix: gcp_project_id.map(|id| format!("projects/{id}/traces/").into_boxed_str()),
-        }
-    }
-}
-
-thread_local! {
-    /// The request line's `httpRequest` members, collected while its fields are visited
-    /// and appended at the end; reused so that a line allocates nothing once warm.
-    static HTTP_REQUEST: RefCell<String> = const { RefCell::new(String::new()) };
-}
+/// Formats events as Cloud Logging JSON lines (all but the request line, see
+/// [`RequestLines`]).
+pub(crate) struct CloudLogging;
 
 impl<S, N> FormatEvent<S, N> for CloudLogging
 where
@@ -51,52 +47,127 @@ where
 {
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let meta = event.metadata();
-        writer.write_str("{\"severity\":\"")?;
-        writer.write_str(severity(*meta.level()))?;
-        writer.write_str("\",\"time\":\"")?;
-        SystemTime.format_time(&mut writer)?;
-        writer.write_str("\",\"target\":")?;
-        write_json_str(&mut writer, meta.target())?;
+        write_head(&mut writer, *meta.level(), meta.target(), SystemTime::now())?;
+        let mut visitor = Visitor {
+            out: &mut writer,
+            result: Ok(()),
+        };
+        event.record(&mut visitor);
+        visitor.result?;
+        writer.write_str("}\n")
+    }
+}
 
-        if meta.target() != REQUEST_TARGET {
-            let mut visitor = Visitor::new(&mut writer, None);
-            event.record(&mut visitor);
-            visitor.result?;
-            return writer.write_str("}\n");
+/// How request lines are written once the JSON subscriber is in place: set at most once.
+static REQUEST_LINES: OnceLock<RequestLines> = OnceLock::new();
+
+thread_local! {
+    /// The request line being written; reused so that a line allocates nothing once warm.
+    static LINE: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// Writes the request lines in Cloud Logging's format, without tracing.
+pub(crate) struct RequestLines {
+    /// `projects/<id>/traces/`, or `None` when no project id is configured (a trace field
+    /// without the project would not be linked by Cloud Logging).
+    trace_prefix: Option<Box<str>>,
+}
+
+impl RequestLines {
+    pub(crate) fn new(gcp_project_id: Option<&str>) -> Self {
+        Self {
+            trace_prefix: gcp_project_id.map(|id| format!("projects/{id}/traces/").into_boxed_str()),
+        }
+    }
+
+    /// From now on request lines are written by [`Self::write`]. Only for the process's
+    /// JSON subscriber: the line goes to stdout, beside that subscriber's lines.
+    pub(crate) fn install(self) {
+        let _ = REQUEST_LINES.set(self);
+    }
+
+    /// The installed writer: `None` unless the process logs JSON.
+    pub(crate) fn installed() -> Option<&'static Self> {
+        REQUEST_LINES.get()
+    }
+
+    /// Writes the request's line on stdout with one `write_all` under stdout's lock, as
+    /// tracing-subscriber writes a line, so that lines never interleave; unbuffered, so
+    /// that no line waits in memory for a crash to lose it. The caller checked the filter.
+    pub(crate) fn write(&self, fields: &RequestFields<'_>) {
+        // Taken out of the thread's slot (and put back) rather than borrowed: nothing can
+        // fail, even while the thread's locals are destroyed.
+        let mut line = LINE.try_with(Cell::take).unwrap_or_default();
+        line.clear();
+        if self.format(&mut line, fields, SystemTime::now()).is_ok() {
+            // A failed write (stdout closed) has nowhere to be reported: the line is lost,
+            // as tracing-subscriber's would be.
+            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        }
+        let _ = LINE.try_with(|slot| slot.set(line));
+    }
+
+    /// The line of `fields` at `now`, with its newline: the members in the order of the
+    /// event's fields that the formatter once wrote (the tests keep it), then
+    /// `httpRequest`, then the trace.
+    fn format(&self, out: &mut impl Write, fields: &RequestFields<'_>, now: SystemTime) -> fmt::Result {
+        write_head(out, Level::INFO, REQUEST_TARGET, now)?;
+        str_member(out, "message", REQUEST_MESSAGE)?;
+        str_member(out, "method", fields.method)?;
+        str_member(out, "path", fields.path)?;
+        write_key(out, "status")?;
+        write!(out, "{}", fields.status)?;
+        write_key(out, "latency_ms")?;
+        write_f64(out, fields.latency_ms)?;
+        str_member(out, "request_id", fields.request_id)?;
+        for (name, value) in [
+            ("product", fields.product),
+            ("user", fields.user),
+            ("error", fields.error),
+        ] {
+            if let Some(value) = value {
+                str_member(out, name, value)?;
+            }
+        }
+        if let Some(status) = fields.upstream_status {
+            write_key(out, "upstream_status")?;
+            write!(out, "{status}")?;
+        }
+        if let Some(id) = fields.upstream_request_id {
+            str_member(out, "upstream_request_id", id)?;
         }
 
-        HTTP_REQUEST.with(|cell| {
-            // A formatter that re-enters (a field's Debug logging) finds the buffer taken
-            // and gets a fresh one instead of a panic.
-            let mut http = cell
-                .try_borrow_mut()
-                .map(|mut b| std::mem::take(&mut *b))
-                .unwrap_or_default();
-            http.clear();
-            let mut visitor = Visitor::new(&mut writer, Some(&mut http));
-            event.record(&mut visitor);
-            let Visitor { result, trace, .. } = visitor;
-            let written = result
-                .and_then(|()| {
-                    if http.is_empty() {
-                        Ok(())
-                    } else {
-                        writer.write_str(",\"httpRequest\":{")?;
-                        writer.write_str(&http)?;
-                        writer.write_char('}')
-                    }
-                })
-                .and_then(|()| match (&self.trace_prefix, trace) {
-                    (Some(prefix), Some(trace)) => trace.write(&mut writer, prefix),
-                    _ => Ok(()),
-                })
-                .and_then(|()| writer.write_str("}\n"));
-            if let Ok(mut buffer) = cell.try_borrow_mut() {
-                *buffer = http;
-            }
-            written
-        })
+        // The user agent and the trace header are client-controlled text: only ever the
+        // value of their own member, and the trace only as the ids parsed from it.
+        out.write_str(",\"httpRequest\":{\"requestMethod\":")?;
+        write_json_str(out, fields.method)?;
+        str_member(out, "requestUrl", fields.path)?;
+        // Cloud Logging's Duration format: seconds with up to nine decimals and an `s`.
+        write!(
+            out,
+            ",\"status\":{},\"latency\":\"{:.6}s\"",
+            fields.status,
+            fields.latency_ms / 1000.0
+        )?;
+        if let Some(user_agent) = fields.user_agent {
+            str_member(out, "userAgent", user_agent)?;
+        }
+        out.write_char('}')?;
+        if let (Some(prefix), Some(trace)) = (&self.trace_prefix, fields.trace.and_then(Trace::parse)) {
+            trace.write(out, prefix)?;
+        }
+        out.write_str("}\n")
     }
+}
+
+/// The start of every line: `{"severity":"…","time":"…","target":"…"`.
+fn write_head(out: &mut impl Write, level: Level, target: &str, now: SystemTime) -> fmt::Result {
+    out.write_str("{\"severity\":\"")?;
+    out.write_str(severity(level))?;
+    out.write_str("\",\"time\":\"")?;
+    time::write_rfc3339(out, now)?;
+    out.write_str("\",\"target\":")?;
+    write_json_str(out, target)
 }
 
 fn severity(level: Level) -> &'static str {
@@ -108,166 +179,87 @@ fn severity(level: Level) -> &'static str {
     }
 }
 
-/// Writes each field as `,"name":value`; for the request line it also fills
-/// `httpRequest` and picks up the trace header.
+/// `,"name":` (the head is always written first, so every member follows another).
+fn write_key(out: &mut impl Write, name: &str) -> fmt::Result {
+    out.write_str(",\"")?;
+    write_escaped(out, name)?;
+    out.write_str("\":")
+}
+
+/// `,"name":"value"`, escaped.
+fn str_member(out: &mut impl Write, name: &str, value: &str) -> fmt::Result {
+    write_key(out, name)?;
+    write_json_str(out, value)
+}
+
+/// A number as Rust prints it; JSON has no NaN or infinity, so those are `null`.
+fn write_f64(out: &mut impl Write, value: f64) -> fmt::Result {
+    if value.is_finite() {
+        write!(out, "{value}")
+    } else {
+        out.write_str("null")
+    }
+}
+
+/// Writes each field of an event as `,"name":value`.
 struct Visitor<'a, 'w> {
     out: &'a mut Writer<'w>,
-    /// `Some` for the request line: its `httpRequest` members so far.
-    http: Option<&'a mut String>,
-    trace: Option<Trace>,
     result: fmt::Result,
 }
 
-impl<'a, 'w> Visitor<'a, 'w> {
-    fn new(out: &'a mut Writer<'w>, http: Option<&'a mut String>) -> Self {
-        Self {
-            out,
-            http,
-            trace: None,
-            result: Ok(()),
+impl Visitor<'_, '_> {
+    /// Records `,"name":` and the value `write` writes, unless a write failed already.
+    fn member(&mut self, field: &Field, write: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = write_key(self.out, field.name()).and_then(|()| write(self.out));
         }
-    }
-
-    fn key(&mut self, name: &str) -> fmt::Result {
-        self.out.write_str(",\"")?;
-        write_escaped(self.out, name)?;
-        self.out.write_str("\":")
-    }
-
-    /// Adds `"name":` to `httpRequest` and returns the buffer to write the value into.
-    fn http_key(&mut self, name: &str) -> Option<&mut String> {
-        let http = self.http.as_deref_mut()?;
-        if !http.is_empty() {
-            http.push(',');
-        }
-        http.push('"');
-        http.push_str(name);
-        http.push_str("\":");
-        Some(http)
-    }
-
-    fn str_field(&mut self, name: &str, value: &str) -> fmt::Result {
-        if self.http.is_some() {
-            match name {
-                "trace" => {
-                    // Only the parsed ids are written, under Cloud Logging's own keys.
-                    self.trace = Trace::parse(value);
-                    return Ok(());
-                }
-                "user_agent" => {
-                    if let Some(http) = self.http_key("userAgent") {
-                        write_json_str(http, value)?;
-                    }
-                    return Ok(());
-                }
-                "path" => {
-                    if let Some(http) = self.http_key("requestUrl") {
-                        write_json_str(http, value)?;
-                    }
-                }
-                "method" => {
-                    if let Some(http) = self.http_key("requestMethod") {
-                        write_json_str(http, value)?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.key(name)?;
-        write_json_str(self.out, value)
     }
 }
 
 impl Visit for Visitor<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.result.is_ok() {
-            self.result = self.str_field(field.name(), value);
-        }
+        self.member(field, |out| write_json_str(out, value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.result.is_err() {
-            return;
-        }
         // `%display` and `?debug` fields and the message arrive here.
-        self.result = self
-            .key(field.name())
-            .and_then(|()| self.out.write_char('"'))
-            .and_then(|()| write!(JsonEscaper(&mut *self.out), "{value:?}"))
-            .and_then(|()| self.out.write_char('"'));
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        if self.result.is_err() {
-            return;
-        }
-        if field.name() == "latency_ms"
-            && let Some(http) = self.http_key("latency")
-        {
-            // Cloud Logging's Duration format: seconds with up to nine decimals and an `s`.
-            self.result = write!(http, "\"{:.6}s\"", value / 1000.0);
-            if self.result.is_err() {
-                return;
-            }
-        }
-        self.result = self.key(field.name()).and_then(|()| {
-            if value.is_finite() {
-                write!(self.out, "{value}")
-            } else {
-                self.out.write_str("null")
-            }
+        self.member(field, |out| {
+            out.write_char('"')?;
+            write!(JsonEscaper(&mut *out), "{value:?}")?;
+            out.write_char('"')
         });
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.member(field, |out| write_f64(out, value));
+    }
+
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if self.result.is_ok() {
-            self.result = self.key(field.name()).and_then(|()| write!(self.out, "{value}"));
-        }
+        self.member(field, |out| write!(out, "{value}"));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if self.result.is_err() {
-            return;
-        }
-        if field.name() == "status"
-            && let Some(http) = self.http_key("status")
-        {
-            self.result = write!(http, "{value}");
-            if self.result.is_err() {
-                return;
-            }
-        }
-        self.result = self.key(field.name()).and_then(|()| write!(self.out, "{value}"));
+        self.member(field, |out| write!(out, "{value}"));
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        if self.result.is_ok() {
-            self.result = self.key(field.name()).and_then(|()| write!(self.out, "{value}"));
-        }
+        self.member(field, |out| write!(out, "{value}"));
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        if self.result.is_ok() {
-            self.result = self.key(field.name()).and_then(|()| write!(self.out, "{value}"));
-        }
+        self.member(field, |out| write!(out, "{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.result.is_ok() {
-            self.result = self
-                .key(field.name())
-                .and_then(|()| self.out.write_str(if value { "true" } else { "false" }));
-        }
+        self.member(field, |out| out.write_str(if value { "true" } else { "false" }));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        if self.result.is_ok() {
-            self.result = self
-                .key(field.name())
-                .and_then(|()| self.out.write_char('"'))
-                .and_then(|()| write!(JsonEscaper(&mut *self.out), "{value}"))
-                .and_then(|()| self.out.write_char('"'));
-        }
+        self.member(field, |out| {
+            out.write_char('"')?;
+            write!(JsonEscaper(&mut *out), "{value}")?;
+            out.write_char('"')
+        });
     }
 }
 
@@ -310,7 +302,7 @@ impl Trace {
         id.iter().any(|b| *b != b'0').then_some(Self { id, span, sampled })
     }
 
-    fn write(&self, out: &mut Writer<'_>, prefix: &str) -> fmt::Result {
+    fn write(&self, out: &mut impl Write, prefix: &str) -> fmt::Result {
         // The ids are checked hex digits, the prefix a project id: nothing to escape but
         // the project id, which comes from configuration.
         out.write_str(",\"logging.googleapis.com/trace\":\"")?;
@@ -439,5 +431,181 @@ mod tests {
         ] {
             assert_eq!(Trace::parse(bad), None, "{bad}");
         }
+    }
+
+    /// The lines below were written by this module before the request line stopped going
+    /// through tracing (its formatter then built `httpRequest` and the trace from the
+    /// event's fields); the direct line must stay the same, byte for byte.
+    const REQUEST_LINES_BEFORE: [&str; 6] = [
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"POST","path":"/v1/chat/completions","status":200,"latency_ms":12.3456789,"request_id":"req-logs-1","product":"demo","user":"alice","error":"upstream_aborted","upstream_status":200,"upstream_request_id":"upstream-req-42","httpRequest":{"requestMethod":"POST","requestUrl":"/v1/chat/completions","status":200,"latency":"0.012346s","userAgent":"ua \"q\" \\ \u0001\t日本"},"logging.googleapis.com/trace":"projects/my-project/traces/105445aa7843bc8bf206b12000100000","logging.googleapis.com/spanId":"0000000000000001","logging.googleapis.com/trace_sampled":true}"#,
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"GET","path":"/no/such/path","status":404,"latency_ms":0,"request_id":"req_0123456789abcdef000000000001","error":"not_found","httpRequest":{"requestMethod":"GET","requestUrl":"/no/such/path","status":404,"latency":"0.000000s"}}"#,
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"POST","path":"/v1/chat/completions","status":401,"latency_ms":0.0000001,"request_id":"r","product":"demo","error":"invalid_signature","httpRequest":{"requestMethod":"POST","requestUrl":"/v1/chat/completions","status":401,"latency":"0.000000s"},"logging.googleapis.com/trace":"projects/my-project/traces/4bf92f3577b34da6a3ce929d0e0e4736","logging.googleapis.com/spanId":"00f067aa0ba902b7","logging.googleapis.com/trace_sampled":false}"#,
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"PATCH","path":"/a\"b\\c\n\u007fé","status":502,"latency_ms":123456.789,"request_id":"","product":"p\"x","user":"u\nv","upstream_status":503,"upstream_request_id":"x\"y","httpRequest":{"requestMethod":"PATCH","requestUrl":"/a\"b\\c\n\u007fé","status":502,"latency":"123.456789s","userAgent":""}}"#,
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"GET","path":"/health","status":200,"latency_ms":1.5,"request_id":"id","httpRequest":{"requestMethod":"GET","requestUrl":"/health","status":200,"latency":"0.001500s","userAgent":"curl/8"},"logging.googleapis.com/trace":"projects/my-project/traces/105445aa7843bc8bf206b12000100000","logging.googleapis.com/trace_sampled":false}"#,
+        r#"{"severity":"INFO","time":"TIME","target":"request","message":"request","method":"GET","path":"/health","status":200,"latency_ms":1000000000000000000000,"request_id":"id","httpRequest":{"requestMethod":"GET","requestUrl":"/health","status":200,"latency":"1000000000000000000.000000s"},"logging.googleapis.com/trace":"projects/my-project/traces/4bf92f3577b34da6a3ce929d0e0e4736","logging.googleapis.com/trace_sampled":true}"#,
+    ];
+
+    /// The fields of each line of [`REQUEST_LINES_BEFORE`].
+    fn request_fields() -> [RequestFields<'static>; 6] {
+        let health = RequestFields {
+            method: "GET",
+            path: "/health",
+            status: 200,
+            latency_ms: 1.5,
+            request_id: "id",
+            product: None,
+            user: None,
+            error: None,
+            upstream_status: None,
+            upstream_request_id: None,
+            user_agent: Some("curl/8"),
+            trace: Some("105445aa7843bc8bf206b12000100000"),
+        };
+        [
+            RequestFields {
+                method: "POST",
+                path: "/v1/chat/completions",
+                status: 200,
+                latency_ms: 12.345_678_9,
+                request_id: "req-logs-1",
+                product: Some("demo"),
+                user: Some("alice"),
+                error: Some("upstream_aborted"),
+                upstream_status: Some(200),
+                upstream_request_id: Some("upstream-req-42"),
+                user_agent: Some("ua \"q\" \\ \u{1}\t日本"),
+                trace: Some("105445aa7843bc8bf206b12000100000/1;o=1"),
+            },
+            RequestFields {
+                path: "/no/such/path",
+                status: 404,
+                latency_ms: 0.0,
+                request_id: "req_0123456789abcdef000000000001",
+                error: Some("not_found"),
+                user_agent: None,
+                trace: None,
+                ..health
+            },
+            RequestFields {
+                method: "POST",
+                path: "/v1/chat/completions",
+                status: 401,
+                latency_ms: 0.000_000_1,
+                request_id: "r",
+                product: Some("demo"),
+                error: Some("invalid_signature"),
+                user_agent: None,
+                trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+                ..health
+            },
+            RequestFields {
+                method: "PATCH",
+                path: "/a\"b\\c\n\u{7f}é",
+                status: 502,
+                latency_ms: 123_456.789,
+                request_id: "",
+                product: Some("p\"x"),
+                user: Some("u\nv"),
+                upstream_status: Some(503),
+                upstream_request_id: Some("x\"y"),
+                user_agent: Some(""),
+                trace: Some("not-a-trace"),
+                ..health
+            },
+            RequestFields { ..health },
+            RequestFields {
+                latency_ms: 1e21,
+                user_agent: None,
+                trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+                ..health
+            },
+        ]
+    }
+
+    const NOW: (u64, u32, &str) = (1_764_078_775, 537_874_000, "2025-11-25T13:52:55.537874Z");
+
+    fn request_line(lines: &RequestLines, fields: &RequestFields<'_>) -> String {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::new(NOW.0, NOW.1);
+        let mut out = String::new();
+        lines.format(&mut out, fields, now).expect("write to a String");
+        out
+    }
+
+    #[test]
+    fn request_lines_are_the_lines_the_formatter_wrote_before() {
+        let linked = RequestLines::new(Some("my-project"));
+        let unlinked = RequestLines::new(None);
+        for (fields, before) in request_fields().iter().zip(REQUEST_LINES_BEFORE) {
+            let expected = format!("{}\n", before.replace("TIME", NOW.2));
+            assert_eq!(request_line(&linked, fields), expected);
+            serde_json::from_str::<serde_json::Value>(&expected).expect("JSON");
+            // Without a project id the trace members are left out, nothing else changes.
+            let untraced = match expected.split_once(",\"logging.googleapis.com/trace\"") {
+                Some((line, _)) => format!("{line}}}\n"),
+                None => expected,
+            };
+            assert_eq!(request_line(&unlinked, fields), untraced);
+        }
+    }
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn other_events_are_formatted_as_before_with_the_same_head() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_writer(move || writer.clone())
+            .event_format(CloudLogging)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "some::module", a = 1, b = "q\"\n", c = true, d = ?vec!["x\"y"],
+                e = %"disp\\", f = 1.5, g = -3, h = 1u64 << 40, i = f64::NAN, "msg {} \"quoted\"", 5);
+            tracing::error!(answer = 42i128, "plain");
+            tracing::debug!("only a message");
+            // Not the request line (that is written by `RequestLines`): an event like any other.
+            tracing::info!(target: "request", status = 200, "not the request line");
+        });
+        let output = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("UTF-8");
+        let this = "api_key_server::telemetry::cloud_logging::tests";
+        let expected = [
+            r#"{"severity":"WARNING","time":"TIME","target":"some::module","message":"msg 5 \"quoted\"","a":1,"b":"q\"\n","c":true,"d":"[\"x\\\"y\"]","e":"disp\\","f":1.5,"g":-3,"h":1099511627776,"i":null}"#.to_owned(),
+            format!(r#"{{"severity":"ERROR","time":"TIME","target":"{this}","message":"plain","answer":42}}"#),
+            format!(r#"{{"severity":"DEBUG","time":"TIME","target":"{this}","message":"only a message"}}"#),
+            r#"{"severity":"INFO","time":"TIME","target":"request","message":"not the request line","status":200}"#.to_owned(),
+        ];
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines.len(), expected.len(), "{output}");
+        for (line, expected) in lines.iter().zip(&expected) {
+            // The time is the clock's: check its shape, then compare the rest.
+            let (head, rest) = line.split_once(r#""time":""#).expect("a time");
+            let (time, tail) = rest.split_once('"').expect("a closed time");
+            let b = time.as_bytes();
+            assert!(
+                b.len() == 27 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && time.ends_with('Z'),
+                "{time}"
+            );
+            assert_eq!(format!(r#"{head}"time":"TIME"{tail}"#), *expected);
+        }
+        // The request line's head is this head.
+        let request = request_line(&RequestLines::new(None), &request_fields()[4]);
+        assert!(request.starts_with(&format!(
+            r#"{{"severity":"INFO","time":"{}","target":"request","#,
+            NOW.2
+        )));
     }
 }
