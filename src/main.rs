@@ -60,6 +60,7 @@ fn serve() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let stop = server::shutdown_signal();
         let running = match server::start(settings, IpAddr::V4(Ipv4Addr::UNSPECIFIED)).await {
             Ok(running) => running,
             Err(error) => {
@@ -73,7 +74,7 @@ fn serve() -> ExitCode {
             // the service's address finds the right one first.
             tracing::info!(%address, path = "/metrics", "metrics endpoint ready");
         }
-        server::shutdown_signal().await;
+        stop.await;
         running.shutdown().await;
         tracing::info!("stopped");
         ExitCode::SUCCESS

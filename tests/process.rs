@@ -188,6 +188,30 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// SIGTERM's handler is in place before the address is logged (Linux's `SigCgt` mask),
+/// so a SIGTERM right after `listening` drains and exits 0 instead of killing the process.
+#[tokio::test]
+async fn sigterm_is_caught_from_the_moment_the_address_is_logged() {
+    let upstream = MockUpstream::openai().await;
+    let env = base_env(&upstream.url());
+    for _ in 0..3 {
+        let mut server = ServerProcess::start(&env).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id().unwrap())).unwrap();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap();
+        assert_ne!(caught & (1 << (15 - 1)), 0, "SIGTERM not caught yet: {caught:x}");
+        server.terminate();
+        let exit = tokio::time::timeout(Duration::from_secs(10), server.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.code(), Some(0), "{exit:?}");
+    }
+}
+
 #[tokio::test]
 async fn the_drain_ends_after_the_grace_period() {
     let (upstream, rx) = MockUpstream::driven().await;

@@ -112,6 +112,7 @@ async fn serve() -> ExitCode {
         }
     }
 
+    let stop = server::shutdown_signal();
     // Loopback only, whatever the environment says: dev keys must not be reachable.
     let running = match server::start(settings, IpAddr::V4(Ipv4Addr::LOCALHOST)).await {
         Ok(running) => running,
@@ -146,7 +147,7 @@ async fn serve() -> ExitCode {
         &upstream,
     ));
 
-    server::shutdown_signal().await;
+    stop.await;
     running.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
