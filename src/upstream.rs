@@ -1,11 +1,15 @@
 //! The pooled upstream client: one request out with exactly the allowed headers, the
 //! response back with exactly the allowed headers, its body streamed frame by frame.
 //!
-//! hyper's client follows no redirects and reads no proxy variables, which is what the
-//! contract wants. Timing is ours: a deadline for the response headers, then an idle
-//! timer between body frames, so that long streams live as long as they keep talking.
+//! The connections are HTTP/1.1, pooled by `upstream/pool.rs`. Nothing here follows redirects or
+//! reads proxy variables, which is what the contract wants. Timing is ours: a deadline for
+//! the response headers (connecting included), then an idle timer between body frames, so
+//! that long streams live as long as they keep talking.
+
+mod pool;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -13,15 +17,13 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
+use self::pool::Pool;
 use crate::settings::UpstreamSettings;
 
 /// Why the upstream gave no usable response (502 `upstream_error`).
@@ -66,35 +68,24 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    url: Uri,
+    pool: Arc<Pool>,
+    /// The request target: with a connection of our own, HTTP/1 wants the origin-form
+    /// (path and query), not the absolute URL.
+    target: Uri,
+    /// The `Host` header, which HTTP/1.1 requires and `conn::http1` does not add.
+    host: HeaderValue,
     timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)
-            .expect("the aws-lc-rs provider supports the default TLS versions")
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(https);
+        let url = &settings.url;
+        let target = url.path_and_query().map_or("/", PathAndQuery::as_str);
         Self {
-            client,
-            url: settings.url.clone(),
+            pool: Pool::new(url.clone()),
+            target: Uri::try_from(target).expect("the path of a valid URI is a valid origin-form target"),
+            host: host_header(url),
             timeout: settings.timeout,
             idle_timeout: settings.idle_timeout,
         }
@@ -113,8 +104,9 @@ impl Upstream {
         let length = body.len();
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.url.clone();
+        *request.uri_mut() = self.target.clone();
         let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
         headers.insert(header::AUTHORIZATION, authorization.clone());
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
@@ -130,10 +122,9 @@ impl Upstream {
             }
         }
 
-        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let response = match tokio::time::timeout(self.timeout, self.pool.send(request)).await {
             Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Err(_)) => return Err(UpstreamError::Unreachable),
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -165,6 +156,18 @@ impl Upstream {
         }
         Ok((out, outcome))
     }
+}
+
+/// `Host` as hyper-util's client wrote it: the host, and the port unless it is the
+/// scheme's default.
+fn host_header(url: &Uri) -> HeaderValue {
+    let host = url.host().expect("the settings only accept URLs with a host");
+    let default_port = if url.scheme_str() == Some("https") { 443 } else { 80 };
+    let value = match url.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).expect("a URI's host and port are a valid header value")
 }
 
 /// The upstream gave no body frame for longer than `UPSTREAM_IDLE_TIMEOUT_SECONDS`.

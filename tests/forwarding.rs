@@ -9,7 +9,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::response::Response;
 use axum::routing::post;
-use common::{CHAT, MockUpstream, PRODUCT_KEY, Signed, TestApp, closed_port, error_of, jwt, raw_upstream};
+use common::{
+    CHAT, COMPLETION, MockUpstream, PRODUCT_KEY, Signed, TestApp, closed_port, closing_upstream, error_of, jwt,
+    raw_upstream,
+};
 use http::{HeaderValue, StatusCode};
 
 #[tokio::test]
@@ -67,6 +70,53 @@ async fn the_upstream_sees_exactly_the_allowed_headers() {
     assert_eq!(seen.headers["user-agent"], "OpenAI/Python 1.99.0");
     assert_eq!(seen.headers["x-request-id"], "rid-1");
     assert_eq!(seen.body, CHAT.as_bytes());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_upstream_gets_an_origin_form_target_and_its_host() {
+    let upstream = MockUpstream::openai().await;
+    let url = format!("http://{}/v1/chat/completions?api-version=2024-10-21", upstream.addr);
+    let app = TestApp::spawn(&url, &[]).await;
+    assert_eq!(app.chat(CHAT).await.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/v1/chat/completions?api-version=2024-10-21");
+    assert_eq!(seen.headers["host"], upstream.addr.to_string());
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    const STREAM: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let upstream = MockUpstream::openai().await;
+    let app = TestApp::spawn(&upstream.url(), &[]).await;
+    for i in 0..20 {
+        let body = if i % 2 == 0 { CHAT } else { STREAM };
+        let response = app.chat(body).await;
+        assert_eq!(response.status(), 200);
+        // The whole body: only then is the connection free for the next request.
+        let text = response.text().await.unwrap();
+        assert!(text.contains("chatcmpl-1"), "{text}");
+    }
+    assert_eq!(upstream.requests().len(), 20);
+    assert_eq!(upstream.connections(), 1, "one connection for all");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_by_a_new_one() {
+    // Each connection answers once, looking reusable, then closes: every request after the
+    // first finds its pooled connection closed (or closing as the request goes out) and
+    // must still succeed, on a new connection.
+    let (addr, connections) = closing_upstream().await;
+    let app = TestApp::spawn(&format!("http://{addr}/v1/chat/completions"), &[]).await;
+    for _ in 0..5 {
+        let response = app.chat(CHAT).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), COMPLETION);
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 5);
     app.shutdown().await;
 }
 

@@ -141,6 +141,29 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn a_stream_whose_client_left_midway_does_not_return_its_connection_to_the_pool() {
+    let (upstream, feed) = MockUpstream::driven().await;
+    let app = TestApp::spawn(&upstream.url(), &[]).await;
+    let mut response = app.chat(STREAM).await;
+    let (feed, mut dropped) = feed.await.unwrap();
+    feed.send(Ok(event("first"))).await.unwrap();
+    assert_eq!(next_chunk(&mut response).await.unwrap(), event("first"));
+    drop(response);
+    tokio::time::timeout(Duration::from_secs(5), &mut dropped)
+        .await
+        .expect("the upstream body is dropped once the client left")
+        .unwrap();
+    // The next request cannot use that connection, whose response never ended.
+    let next = app.chat(STREAM).await;
+    assert_eq!(next.status(), 200);
+    next.text().await.unwrap();
+    assert_eq!(upstream.requests().len(), 2);
+    assert_eq!(upstream.connections(), 2, "the cut stream's connection was not reused");
+    drop(feed);
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_client_that_disconnects_before_the_headers_cancels_the_upstream_request() {
     let (tx, rx) = oneshot::channel::<()>();
     let (entered_tx, entered_rx) = oneshot::channel::<()>();

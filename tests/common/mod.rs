@@ -12,6 +12,7 @@ pub mod redis;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -148,14 +149,18 @@ pub const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content"
 pub struct Received {
     pub method: Method,
     pub path: String,
+    /// The request target as sent: origin-form (`/path?query`) or absolute.
+    pub target: String,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
 
-/// A mock upstream on 127.0.0.1 that records every request it receives.
+/// A mock upstream on 127.0.0.1 that records every request it receives and counts the
+/// connections it accepts.
 pub struct MockUpstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -176,6 +181,7 @@ impl MockUpstream {
                 record.lock().unwrap().push(Received {
                     method: parts.method.clone(),
                     path: parts.uri.path().to_owned(),
+                    target: parts.uri.to_string(),
                     headers: parts.headers.clone(),
                     body: body.clone(),
                 });
@@ -184,10 +190,20 @@ impl MockUpstream {
         }));
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let connections: Arc<AtomicUsize> = Arc::default();
+        let accepted = connections.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+            accepted.fetch_add(1, Ordering::SeqCst);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Self { addr, received, task }
+        Self {
+            addr,
+            received,
+            connections,
+            task,
+        }
     }
 
     /// An upstream whose first streamed response the test drives chunk by chunk: it hands
@@ -229,6 +245,11 @@ impl MockUpstream {
 
     pub fn requests(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn last(&self) -> Received {
@@ -500,6 +521,52 @@ pub async fn raw_upstream(reply: &'static [u8]) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A raw HTTP/1.1 "upstream" on 127.0.0.1 that answers the first request of each
+/// connection with a chat completion, without `connection: close` (so the connection
+/// looks reusable), then closes the connection. Returns its address and the count of
+/// connections it accepted.
+pub async fn closing_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted: Arc<AtomicUsize> = Arc::default();
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The head, then as many body bytes as it declares.
+                let mut request = Vec::new();
+                loop {
+                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    let mut buf = [0u8; 4096];
+                    match socket.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{COMPLETION}",
+                    COMPLETION.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
 }
 
 /// A loopback port that nothing listens on.

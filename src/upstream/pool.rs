@@ -1,0 +1,526 @@
+//! The upstream connections: HTTP/1.1 only, each lent to one request at a time, kept idle
+//! in a small LIFO pool, and taken back by the response body itself once it ended cleanly.
+//!
+//! This replaces hyper-util's legacy client, which per request looked up a hashed pool key
+//! under a mutex, raced a boxed lazy connect against the checkout and spawned a task to
+//! wait for the connection to be ready again. Here a checkout is a pop under a mutex held
+//! for a few instructions, and no task is spawned per request (one per connection).
+//!
+//! It must never hold the lock across an `.await`, pool a connection whose response was
+//! not read to its end, or send a request again that may have reached the upstream.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::UpstreamError;
+
+/// Idle connections kept at most; beyond, the longest idle one is closed.
+const MAX_IDLE: usize = 1024;
+/// Idle connections older than this are closed rather than used: the upstream or a NAT on
+/// the way may have forgotten them.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Connects to one upstream and keeps its idle connections.
+pub(crate) struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// The upstream URL: the connector takes its scheme, host and port.
+    destination: Uri,
+    /// Oldest at the front, most recently returned at the back: checkouts take the back
+    /// (the connection most likely still alive), expiry and overflow trim the front.
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl Pool {
+    pub(crate) fn new(destination: Uri) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        // The TLS layer wraps this connector, so it must accept `https` URIs too.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(provider)
+            .expect("the aws-lc-rs provider supports the default TLS versions")
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Arc::new(Self {
+            connector,
+            destination,
+            idle: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Sends `request` (its target in origin-form, its `Host` set) on an idle connection,
+    /// else on a new one. The response's body gives the connection back when it ends.
+    ///
+    /// Dropping the future closes the connection in use, which cancels the request.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        if let Some(mut sender) = self.checkout().await {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.lend(response, sender)),
+                // hyper gives the request back only when none of it was written: the
+                // upstream closed this idle connection just before we used it. Send it
+                // once more on a new connection, as hyper-util's client did. Without the
+                // request (it may have reached the upstream) there is no second try.
+                Err(mut error) => request = error.take_message().ok_or(UpstreamError::Unreachable)?,
+            }
+        }
+        let mut sender = self.connect().await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|_| UpstreamError::Unreachable)?;
+        Ok(self.lend(response, sender))
+    }
+
+    /// The most recently returned connection that is still open, ready for a request.
+    async fn checkout(&self) -> Option<Sender> {
+        loop {
+            let mut sender = self.pop()?;
+            // `ready` fails at once when the connection has closed (the upstream closed
+            // it, or it broke): that one is dropped and the next tried. A sender comes
+            // back the moment its response body ended, which can be a little before its
+            // connection task has run and asked for the next request; waiting for it is
+            // far cheaper than a new connection (TCP and TLS handshakes), so it is awaited
+            // rather than skipped. A connection should only stay unready if the upstream
+            // answered without reading all of our request body and kept the connection
+            // open; the request's deadline (`UPSTREAM_TIMEOUT_SECONDS`) bounds that wait.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn pop(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = idle.pop_back()?;
+        if now.duration_since(newest.since) <= IDLE_TIMEOUT {
+            return Some(newest.sender);
+        }
+        // The newest is too old, so are all the others. They are dropped (which wakes
+        // their connection tasks to close) after the lock is released.
+        let expired = std::mem::take(&mut *idle);
+        drop(idle);
+        drop((newest, expired));
+        None
+    }
+
+    /// Takes back a connection whose last response was read to its end.
+    fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let expired = idle
+            .iter()
+            .take_while(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
+            .count();
+        let overflow = usize::from(idle.len() - expired >= MAX_IDLE);
+        // Empty, and so not allocated, unless some expired or the pool is full.
+        let evicted: Vec<Idle> = idle.drain(..expired + overflow).collect();
+        idle.push_back(Idle { sender, since: now });
+        drop(idle);
+        drop(evicted);
+    }
+
+    /// A new connection: TCP (and TLS for `https`), then an HTTP/1.1 connection task.
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let stream = self
+            .connector
+            .clone()
+            .oneshot(self.destination.clone())
+            .await
+            .map_err(|_| UpstreamError::Unreachable)?;
+        let (sender, connection) = http1::handshake(stream).await.map_err(|_| UpstreamError::Unreachable)?;
+        // The task drives the socket for every request the sender carries, and ends when
+        // the socket closes or the sender is dropped. Its error, if any, also reaches the
+        // request or body in flight, which report it.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    fn lend(self: &Arc<Self>, response: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+        response.map(|body| PooledBody::new(body, Arc::clone(self), sender))
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// A response body that holds its connection's sender, and returns it to the pool when
+/// the body ends cleanly. An error, or a drop before the end, drops the sender with the
+/// body, which closes the connection: HTTP/1 cannot reuse a connection mid-response.
+pub(crate) struct PooledBody {
+    inner: Incoming,
+    lease: Option<(Arc<Pool>, Sender)>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, pool: Arc<Pool>, sender: Sender) -> Self {
+        let mut body = Self {
+            inner,
+            lease: Some((pool, sender)),
+        };
+        // hyper's server never polls a body that is already at its end (an empty one).
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, sender)) = self.lease.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.release(),
+            // After the last frame of a body of known length, hyper's server checks
+            // `is_end_stream` and polls no more: that is the end too.
+            Some(Ok(_)) if this.inner.is_end_stream() => this.release(),
+            Some(Ok(_)) => {}
+            // The response is broken, and so is its connection.
+            Some(Err(_)) => this.lease = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::post;
+    use axum::serve::ListenerExt;
+    use http::header;
+    use http_body_util::BodyExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    /// An upstream on loopback: `/full` answers `hello` (content-length), `/empty` an
+    /// empty body, `/stream` a chunked body fed by the returned channel (once).
+    struct Upstream {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<AtomicUsize>,
+    }
+
+    type Feed = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+    async fn upstream() -> (Upstream, oneshot::Receiver<Feed>) {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (feed_tx, feed_rx) = oneshot::channel();
+        let feed_tx = Arc::new(Mutex::new(Some(feed_tx)));
+        let counted = requests.clone();
+        let router = Router::new()
+            .route("/full", post(|| async { "hello" }))
+            .route("/empty", post(|| async { "" }))
+            .route(
+                "/stream",
+                post(move || async move {
+                    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+                    if let Some(feed) = feed_tx.lock().unwrap().take() {
+                        let _ = feed.send(tx);
+                    }
+                    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                    Body::from_stream(stream)
+                }),
+            )
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    next.run(request)
+                },
+            ));
+        let accepted = connections.clone();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = listener.tap_io(move |_| {
+            accepted.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let upstream = Upstream {
+            addr,
+            connections,
+            requests,
+        };
+        (upstream, feed_rx)
+    }
+
+    impl Upstream {
+        fn pool(&self) -> Arc<Pool> {
+            Pool::new(format!("http://{}/", self.addr).parse().unwrap())
+        }
+
+        fn request(&self, path: &str) -> Request<Full<Bytes>> {
+            Request::post(path)
+                .header(header::HOST, self.addr.to_string())
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap()
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_returns_to_the_pool_once_its_body_is_read_and_is_reused() {
+        let (upstream, _) = upstream().await;
+        let pool = upstream.pool();
+        for _ in 0..5 {
+            let response = pool.send(upstream.request("/full")).await.unwrap();
+            assert_eq!(pool.idle_count(), 0, "lent while its body is unread");
+            // Read as hyper's server does: no poll after `is_end_stream`.
+            let mut body = response.into_body();
+            let mut read = Vec::new();
+            while !body.is_end_stream() {
+                let frame = body.frame().await.unwrap().unwrap();
+                read.extend_from_slice(&frame.into_data().unwrap());
+            }
+            assert_eq!(read, b"hello");
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(upstream.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_returns_the_connection_at_once() {
+        let (upstream, _) = upstream().await;
+        let pool = upstream.pool();
+        let response = pool.send(upstream.request("/empty")).await.unwrap();
+        assert!(response.body().is_end_stream());
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let (upstream, feed) = upstream().await;
+        let pool = upstream.pool();
+        let mut body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let feed = feed.await.unwrap();
+        feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "one");
+        drop(body);
+        assert_eq!(pool.idle_count(), 0);
+        // The upstream sees its response body dropped: the connection closed.
+        tokio::time::timeout(Duration::from_secs(5), feed.closed())
+            .await
+            .expect("the upstream's body is dropped");
+        pool.send(upstream.request("/full")).await.unwrap();
+        assert_eq!(upstream.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_does_not_return_its_connection() {
+        let (upstream, feed) = upstream().await;
+        let pool = upstream.pool();
+        let body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let feed = feed.await.unwrap();
+        feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
+        feed.send(Err(std::io::Error::other("broken"))).await.unwrap();
+        assert!(body.collect().await.is_err());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_its_end_returns_its_connection() {
+        let (upstream, feed) = upstream().await;
+        let pool = upstream.pool();
+        let body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let feed = feed.await.unwrap();
+        feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
+        drop(feed);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "one");
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_pooled_connection_is_dropped_at_checkout() {
+        let (upstream, _) = upstream().await;
+        let pool = upstream.pool();
+        // A pooled sender whose connection task has ended.
+        let (io, _) = tokio::io::duplex(64);
+        let (closed, connection) = http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+        drop(connection);
+        assert!(closed.is_closed());
+        pool.idle.lock().unwrap().push_back(Idle {
+            sender: closed,
+            since: Instant::now(),
+        });
+        let response = pool.send(upstream.request("/full")).await.unwrap();
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(upstream.connections(), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_closed_connection_never_sent_is_sent_once_more_on_a_new_one() {
+        let (upstream, _) = upstream().await;
+        let pool = upstream.pool();
+        // A pooled connection that looks alive but whose task drops it the next time it
+        // runs, that is, once our request is queued on it and we wait for the answer
+        // (the test runtime has one thread): an idle connection the upstream just closed.
+        let stream = pool.connector.clone().oneshot(pool.destination.clone()).await.unwrap();
+        let (mut sender, connection) = http1::handshake::<_, Full<Bytes>>(stream).await.unwrap();
+        let (close, closed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = closed => {}
+                _ = connection => {}
+            }
+        });
+        sender.ready().await.unwrap();
+        pool.put(sender);
+        close.send(()).unwrap();
+
+        let response = pool.send(upstream.request("/full")).await.unwrap();
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(upstream.connections(), 2, "sent again on a new connection");
+        assert_eq!(
+            upstream.requests.load(Ordering::SeqCst),
+            1,
+            "the first never reached it"
+        );
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_may_have_reached_the_upstream_is_not_sent_again() {
+        // A raw upstream that answers the first request of a connection with keep-alive,
+        // then reads the second and closes without answering.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for answer in [true, false] {
+                        let mut request = Vec::new();
+                        while !request.ends_with(b"{}") {
+                            let mut chunk = [0; 1024];
+                            match socket.read(&mut chunk).await {
+                                Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        if answer {
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            socket.write_all(reply).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
+        let request = || {
+            Request::post("/")
+                .header(header::HOST, addr.to_string())
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap()
+        };
+        let response = pool.send(request()).await.unwrap();
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(pool.send(request()).await.err(), Some(UpstreamError::Unreachable));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "no second connection, no second try"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_idle_longer_than_90_s_are_closed_not_used() {
+        let (upstream, _) = upstream().await;
+        let pool = upstream.pool();
+        let response = pool.send(upstream.request("/full")).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        let aged = Instant::now()
+            .checked_sub(IDLE_TIMEOUT + Duration::from_secs(1))
+            .unwrap();
+        pool.idle.lock().unwrap().back_mut().unwrap().since = aged;
+        assert!(pool.pop().is_none());
+        assert_eq!(pool.idle_count(), 0);
+        let response = pool.send(upstream.request("/full")).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(upstream.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_1024_idle_connections() {
+        let pool = Pool::new(Uri::from_static("http://127.0.0.1:9/"));
+        // Connections over in-memory pipes whose tasks never run: they stay open.
+        let mut connections = Vec::new();
+        for _ in 0..=MAX_IDLE {
+            let (io, _) = tokio::io::duplex(64);
+            let (sender, connection) = http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+            connections.push(connection);
+            pool.put(sender);
+        }
+        assert_eq!(pool.idle_count(), MAX_IDLE);
+    }
+}
