@@ -178,10 +178,17 @@ pub struct IdleTimeoutError;
 /// A body that fails when its inner body stays silent too long. A failing body makes
 /// hyper cut the client's response without a clean end, which is what a client must see
 /// when the upstream's answer is incomplete.
+///
+/// The timer is armed only when the inner body has nothing to give: a gap is timed from
+/// the poll that finds the upstream silent (hyper polls again right after each frame it
+/// writes). A body that is ready whenever polled, as most non-streamed answers are, never
+/// touches the runtime's timer wheel.
 pub struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer's deadline belongs to the current gap (no frame came since it was set).
+    armed: bool,
 }
 
 impl<B> IdleTimeout<B> {
@@ -189,7 +196,8 @@ impl<B> IdleTimeout<B> {
         Self {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            armed: false,
         }
     }
 }
@@ -204,17 +212,21 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
-                Poll::Ready(Some(Err(Box::new(IdleTimeoutError))))
-            }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
+        if !this.armed {
+            let deadline = Instant::now() + this.idle;
+            match &mut this.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            this.armed = true;
+        }
+        let timer = this.timer.as_mut().expect("armed above");
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Box::new(IdleTimeoutError))))
     }
 
     fn is_end_stream(&self) -> bool {
