@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::task::Poll;
+use std::sync::Arc;
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::Method;
 use hyper::body::Incoming;
 
@@ -35,10 +36,7 @@ pub struct App {
 impl App {
     /// Builds the state; Redis, when configured, connects in the background.
     pub fn new(settings: Settings) -> Self {
-        let store = settings
-            .redis
-            .as_ref()
-            .map(|redis| std::sync::Arc::new(Store::start(redis)));
+        let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
         Self {
             auth: Authenticator::new(&settings, store.clone()),
             limiter: Limiter::new(&settings.limits, store),
@@ -116,22 +114,21 @@ impl Route {
 }
 
 /// One request, start to end: route, method check, handler, request id and log line.
-pub async fn handle(app: &App, request: http::Request<Incoming>) -> http::Response<LoggedBody> {
+///
+/// hyper's server boxes this future, moving it by value, for every request: its size is a
+/// cost per request. Rare paths that hold large futures (a new upstream connection, Redis
+/// calls) box them, so that this one stays a few KiB.
+pub async fn handle(app: Arc<App>, request: http::Request<Incoming>) -> http::Response<LoggedBody> {
     let route = Route::of(request.uri().path());
     let line = LogLine::begin(&request, route.template());
-    let (response, log) = catch_panic(dispatch(app, route, request, line.id())).await;
+    let app = &*app;
+    // A panic is a defect: answer 500 `internal_error` in the envelope instead of dropping
+    // the connection, and still log the request.
+    let (response, log) = AssertUnwindSafe(dispatch(app, route, request, line.id()))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| (ApiError::Internal.into_response(), RequestLog::default()));
     line.finish(response, log)
-}
-
-/// Runs `handler`, answering 500 `internal_error` in the envelope if it panics: a panic is
-/// a defect, and the connection and the request's log line survive it.
-async fn catch_panic(handler: impl Future<Output = (Response, RequestLog)>) -> (Response, RequestLog) {
-    let mut handler = std::pin::pin!(handler);
-    std::future::poll_fn(|cx| {
-        std::panic::catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx)))
-            .unwrap_or_else(|_| Poll::Ready((ApiError::Internal.into_response(), RequestLog::default())))
-    })
-    .await
 }
 
 async fn dispatch(

@@ -222,7 +222,8 @@ impl Limiter {
 
     async fn decide(&self, key: &Key, limits: &Limits) -> Decision {
         if let Some(redis) = &self.redis
-            && let Some(decision) = redis.decide(key, limits).await
+            // Boxed: a Redis call's future is large, and without Redis it is never made.
+            && let Some(decision) = Box::pin(redis.decide(key, limits)).await
         {
             metrics::limiter_decision(decision.outcome.label(), "redis");
             return decision;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -163,8 +164,8 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.seen.store(true, Ordering::Relaxed);
-        let app = Arc::clone(&self.app);
-        Box::pin(async move { Ok(app::handle(&app, request).await) })
+        // The future is moved into the box by value: keep it small (see `app::handle`).
+        Box::pin(app::handle(Arc::clone(&self.app), request).map(Ok))
     }
 }
 

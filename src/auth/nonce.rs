@@ -50,7 +50,8 @@ impl NonceStore {
     /// Claims `nonce` for `client`, to be remembered for `ttl`.
     pub async fn claim(&self, client: &str, nonce: &str, ttl: Duration) -> Claim {
         if let Some(store) = &self.store {
-            match store.claim_nonce(client, nonce, ttl).await {
+            // Boxed: a Redis call's future is large, and without Redis it is never made.
+            match Box::pin(store.claim_nonce(client, nonce, ttl)).await {
                 Some(true) => return Claim::Fresh,
                 Some(false) => return Claim::Replayed,
                 // Redis is absent, slow or down: memory decides (contract: never unchecked).

@@ -90,7 +90,10 @@ impl Pool {
                 Err(mut error) => request = error.take_message().ok_or(UpstreamError::Unreachable)?,
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: the connect future (TCP and TLS handshakes) is large, and keeping it out of
+        // this future keeps every request's future small (it is moved, by value, into the
+        // box hyper's server keeps it in).
+        let mut sender = Box::pin(self.connect()).await?;
         let response = sender
             .send_request(request)
             .await
