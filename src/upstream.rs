@@ -103,6 +103,8 @@ impl Upstream {
     ) -> Result<(Response, UpstreamOutcome), UpstreamError> {
         let length = body.len();
         let mut request = Request::new(Full::new(body));
+        // Sized once for what is written below (growing a map rehashes it).
+        *request.headers_mut() = HeaderMap::with_capacity(12);
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.target.clone();
         let headers = request.headers_mut();
@@ -139,6 +141,8 @@ impl Upstream {
             request_id: parts.headers.get(X_REQUEST_ID).cloned(),
         };
         let mut out = Response::new(Body::new(IdleTimeout::new(incoming, self.idle_timeout)));
+        // Room for the forwarded headers, the rate-limit headers and the request id.
+        *out.headers_mut() = HeaderMap::with_capacity(16);
         *out.status_mut() = status;
         let out_headers = out.headers_mut();
         for name in &FORWARDED_RESPONSE_HEADERS {

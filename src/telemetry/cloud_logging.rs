@@ -341,22 +341,22 @@ fn write_json_str(out: &mut impl Write, s: &str) -> fmt::Result {
 /// JSON string escaping: quotes, backslashes and control characters; runs of plain
 /// characters are copied in one piece.
 fn write_escaped(out: &mut impl Write, s: &str) -> fmt::Result {
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f | 0x7f => "",
-            _ => continue,
-        };
+    // The common case (no byte to escape) is one cheap test per byte and one copy.
+    while let Some(offset) = bytes[start..]
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+    {
+        let i = start + offset;
         out.write_str(&s[start..i])?;
-        if escape.is_empty() {
-            write!(out, "\\u{b:04x}")?;
-        } else {
-            out.write_str(escape)?;
+        match bytes[i] {
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            b'\n' => out.write_str("\\n")?,
+            b'\r' => out.write_str("\\r")?,
+            b'\t' => out.write_str("\\t")?,
+            b => write!(out, "\\u{b:04x}")?,
         }
         start = i + 1;
     }
