@@ -34,6 +34,10 @@ const MAX_IDLE: usize = 1024;
 /// the way may have forgotten them.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long a checkout waits for a pooled connection to be ready for its next request
+/// before closing it. A healthy one is ready at once or after one run of its task.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// Connects to one upstream and keeps its idle connections.
@@ -112,8 +116,9 @@ impl Pool {
             // far cheaper than a new connection (TCP and TLS handshakes), so it is awaited
             // rather than skipped. A connection should only stay unready if the upstream
             // answered without reading all of our request body and kept the connection
-            // open; the request's deadline (`UPSTREAM_TIMEOUT_SECONDS`) bounds that wait.
-            if sender.ready().await.is_ok() {
+            // open: that one is given [`READY_WAIT`], then closed, so that a stuck
+            // connection costs a request a short delay, not its whole deadline.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
                 return Some(sender);
             }
         }
@@ -492,6 +497,57 @@ mod tests {
             1,
             "no second connection, no second try"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_that_stays_unready_is_closed_after_a_short_wait() {
+        // A raw upstream that reads a request's head, answers at once without reading the
+        // body, and then reads nothing more on that connection: our connection stays busy
+        // writing a body larger than the socket buffers, so it never becomes ready again.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0; 1024];
+                        match socket.read(&mut chunk).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
+        let request = |body: Bytes| {
+            Request::post("/")
+                .header(header::HOST, addr.to_string())
+                .body(Full::new(body))
+                .unwrap()
+        };
+        let big = Bytes::from(vec![b' '; 64 * 1024 * 1024]);
+        let response = pool.send(request(big)).await.unwrap();
+        assert!(response.into_body().collect().await.unwrap().to_bytes().is_empty());
+        assert_eq!(pool.idle_count(), 1, "the empty body gave its connection back");
+
+        let started = Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(10), pool.send(request(Bytes::from_static(b"{}"))))
+            .await
+            .expect("a stuck connection must not hold the request for long");
+        assert!(second.is_ok());
+        assert!(started.elapsed() >= READY_WAIT, "the pooled one was given its chance");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "sent on a new connection");
     }
 
     #[tokio::test]
