@@ -451,43 +451,58 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
     }
 
-    #[tokio::test]
-    async fn a_request_that_may_have_reached_the_upstream_is_not_sent_again() {
-        // A raw upstream that answers the first request of a connection with keep-alive,
-        // then reads the second and closes without answering.
+    /// A raw upstream on loopback: `serve` runs on each accepted connection. Returns its
+    /// address and the count of connections accepted.
+    async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = accepted.clone();
         tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut socket, _)) = listener.accept().await {
+            while let Ok((socket, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    for answer in [true, false] {
-                        let mut request = Vec::new();
-                        while !request.ends_with(b"{}") {
-                            let mut chunk = [0; 1024];
-                            match socket.read(&mut chunk).await {
-                                Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                                _ => return,
-                            }
-                        }
-                        if answer {
-                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            socket.write_all(reply).await.unwrap();
-                        }
-                    }
-                });
+                tokio::spawn(serve(socket));
             }
         });
+        (addr, accepted)
+    }
+
+    /// A `POST /` to a raw upstream.
+    fn raw_post(addr: SocketAddr, body: Bytes) -> Request<Full<Bytes>> {
+        Request::post("/")
+            .header(header::HOST, addr.to_string())
+            .body(Full::new(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_that_may_have_reached_the_upstream_is_not_sent_again() {
+        // A raw upstream that answers the first request of a connection with keep-alive,
+        // then reads the second and closes without answering.
+        let (addr, accepted) = raw_upstream(|mut socket| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            for answer in [true, false] {
+                let mut request = Vec::new();
+                while !request.ends_with(b"{}") {
+                    let mut chunk = [0; 1024];
+                    match socket.read(&mut chunk).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                if answer {
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    socket.write_all(reply).await.unwrap();
+                }
+            }
+        })
+        .await;
         let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
-        let request = || {
-            Request::post("/")
-                .header(header::HOST, addr.to_string())
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap()
-        };
+        let request = || raw_post(addr, Bytes::from_static(b"{}"));
         let response = pool.send(request()).await.unwrap();
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         assert_eq!(pool.idle_count(), 1);
@@ -504,47 +519,34 @@ mod tests {
         // A raw upstream that reads a request's head, answers at once without reading the
         // body, and then reads nothing more on that connection: our connection stays busy
         // writing a body larger than the socket buffers, so it never becomes ready again.
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = accepted.clone();
-        tokio::spawn(async move {
+        let (addr, accepted) = raw_upstream(|mut socket| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut socket, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let mut chunk = [0; 1024];
-                        match socket.read(&mut chunk).await {
-                            Ok(n) if n > 0 => head.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    }
-                    socket
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .await
-                        .unwrap();
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                });
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0; 1024];
+                match socket.read(&mut chunk).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
             }
-        });
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            socket.write_all(reply).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
         let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
-        let request = |body: Bytes| {
-            Request::post("/")
-                .header(header::HOST, addr.to_string())
-                .body(Full::new(body))
-                .unwrap()
-        };
         let big = Bytes::from(vec![b' '; 64 * 1024 * 1024]);
-        let response = pool.send(request(big)).await.unwrap();
+        let response = pool.send(raw_post(addr, big)).await.unwrap();
         assert!(response.into_body().collect().await.unwrap().to_bytes().is_empty());
         assert_eq!(pool.idle_count(), 1, "the empty body gave its connection back");
 
         let started = Instant::now();
-        let second = tokio::time::timeout(Duration::from_secs(10), pool.send(request(Bytes::from_static(b"{}"))))
-            .await
-            .expect("a stuck connection must not hold the request for long");
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(raw_post(addr, Bytes::from_static(b"{}"))),
+        )
+        .await
+        .expect("a stuck connection must not hold the request for long");
         assert!(second.is_ok());
         assert!(started.elapsed() >= READY_WAIT, "the pooled one was given its chance");
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "sent on a new connection");
