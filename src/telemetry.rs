@@ -166,6 +166,17 @@ impl LogLine {
     /// it when it ends.
     pub fn finish(mut self, mut response: Response, log: RequestLog) -> http::Response<LoggedBody> {
         response.headers_mut().insert(X_REQUEST_ID, self.id.0.clone());
+        if self.method == Method::HEAD {
+            // The answer to a HEAD has the GET's headers and no body: hyper would never
+            // poll the body, and the line would call the request cut short.
+            if let Some(length) = response.body().size_hint().exact() {
+                response
+                    .headers_mut()
+                    .entry(header::CONTENT_LENGTH)
+                    .or_insert_with(|| HeaderValue::from(length));
+            }
+            *response.body_mut() = Body::empty();
+        }
         self.status = response.status().as_u16();
         self.error = response.extensions().get::<ErrorCode>().map(|c| c.0);
         self.log = log;

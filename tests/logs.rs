@@ -196,6 +196,27 @@ async fn without_a_project_id_there_is_no_trace_field_and_routes_are_not_raw_pat
 }
 
 #[tokio::test]
+async fn a_head_request_is_logged_complete_with_the_get_headers() {
+    let upstream = MockUpstream::openai().await;
+    let server = ServerProcess::start(&base_env(&upstream.url())).await;
+    let response = reqwest::Client::new()
+        .head(server.url("/health"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-length"], "15", "the GET's length");
+    assert_eq!(response.bytes().await.expect("body").len(), 0);
+    let line = json_line(&server, "HEAD request line", |v| {
+        v["target"] == "request" && v["method"] == "HEAD"
+    })
+    .await;
+    assert_eq!(line["status"], 200);
+    assert!(line.get("error").is_none(), "a HEAD answer is complete: {line}");
+    server.terminate();
+}
+
+#[tokio::test]
 async fn request_lines_follow_the_rust_log_filter() {
     let upstream = MockUpstream::openai().await;
     // `api_key_server=info` keeps the binary's own lines: its address and `stopped`.
