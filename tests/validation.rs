@@ -199,6 +199,7 @@ async fn an_oversized_body_is_413_in_the_envelope() {
     let response = app.chat(&big).await;
     assert_eq!(response.status(), 413);
     assert_eq!(response.headers()["x-should-retry"], "false");
+    assert_eq!(response.headers()["connection"], "close");
     let (kind, code, _) = error_of(response).await;
     assert_eq!(
         (kind.as_str(), code.as_str()),
@@ -234,6 +235,8 @@ async fn a_declared_oversized_body_is_refused_without_waiting_for_it() {
     let reply = String::from_utf8_lossy(&buf[..n]);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("body_too_large"), "{reply}");
+    // The rest of the body may still come: the client is told not to reuse the connection.
+    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
     app.shutdown().await;
 }
 
