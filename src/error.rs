@@ -208,6 +208,12 @@ impl IntoResponse for ApiError {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::Limit(e) => e.write_headers(headers),
+            // Answered before the request body was read to its end: the rest of it may
+            // still be on its way, so the connection cannot carry another request. Saying
+            // so lets the client open a new one instead of reusing one hyper then closes.
+            Self::BodyTooLarge | Self::RequestTimeout | Self::UnreadableBody => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response.extensions_mut().insert(ErrorCode(d.code));

@@ -26,16 +26,6 @@ pub async fn chat_completions(app: &App, request: Request<Incoming>, id: &Reques
     let mut log = RequestLog::default();
     let response = match chat(app, id, parts.uri.path(), &parts.headers, body, &mut log).await {
         Ok(response) => response,
-        Err(error @ (ApiError::BodyTooLarge | ApiError::RequestTimeout | ApiError::UnreadableBody)) => {
-            // Answered before the body was read to its end: the rest of it may still be on
-            // its way, so the connection cannot carry another request. Saying so lets the
-            // client open a new one instead of reusing a connection hyper then closes.
-            let mut response = error.into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
-        }
         Err(error) => error.into_response(),
     };
     (response, log)
