@@ -10,21 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, ServerProcess, base_env, hmac_sign, now, set};
+use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, ServerProcess, base_env, hmac_sign, now, rss_kib, set};
 
 /// Resident memory growth allowed for each flood below. The limiter's hard cap is about
 /// 30 MB and the nonce store's is set small here; allocator slack comes on top.
 const BOUND_KIB: u64 = 64 * 1024;
 const CONCURRENCY: usize = 16;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 /// Sends `total` HMAC-signed chat requests, each for a new user and a new nonce
 /// (`with_nonce`), `CONCURRENCY` at a time; returns how many got each status.
