@@ -1,4 +1,5 @@
-//! [`App`] and the request's way through the service: route, handler, log line.
+//! [`App`] and the route table: the request's way through the service, from route to
+//! handler ([`crate::routes`]) to log line.
 //!
 //! The routes are few and fixed, so they are matched by hand ([`Route::of`]) rather than
 //! by a router: no per-request service clone, boxed middleware or extension map on the
@@ -8,7 +9,6 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::Method;
@@ -18,10 +18,11 @@ use crate::auth::Authenticator;
 use crate::error::ApiError;
 use crate::limit::Limiter;
 use crate::metrics;
-use crate::proxy;
+use crate::request::Outcome;
+use crate::routes;
 use crate::settings::Settings;
 use crate::store::Store;
-use crate::telemetry::{LogLine, LoggedBody, RequestLog};
+use crate::telemetry::{LogLine, LoggedBody, RequestId};
 use crate::upstream::Upstream;
 
 /// Everything a request needs; one per process, shared by reference.
@@ -120,39 +121,30 @@ impl Route {
 /// calls) box them, so that this one stays a few KiB.
 pub async fn handle(app: Arc<App>, request: http::Request<Incoming>) -> http::Response<LoggedBody> {
     let route = Route::of(request.uri().path());
+    let head = request.method() == Method::HEAD;
     let line = LogLine::begin(&request, route.template());
     let app = &*app;
     // A panic is a defect: answer 500 `internal_error` in the envelope instead of dropping
     // the connection, and still log the request.
-    let (response, log) = AssertUnwindSafe(dispatch(app, route, request, line.id()))
+    let outcome = AssertUnwindSafe(dispatch(app, route, request, line.id()))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| (ApiError::Internal.into_response(), RequestLog::default()));
-    line.finish(response, log)
+        .unwrap_or_else(|_| ApiError::Internal.into());
+    line.finish(if head { outcome.without_body() } else { outcome })
 }
 
-async fn dispatch(
-    app: &App,
-    route: Route,
-    request: http::Request<Incoming>,
-    id: &crate::telemetry::RequestId,
-) -> (Response, RequestLog) {
+/// The route table: (route, method) -> handler.
+async fn dispatch(app: &App, route: Route, request: http::Request<Incoming>, id: &RequestId) -> Outcome {
     let method = request.method();
     let get = method == Method::GET || method == Method::HEAD;
     match route {
-        Route::Unknown => (ApiError::NotFound.into_response(), RequestLog::default()),
-        Route::ChatCompletions if method == Method::POST => proxy::chat_completions(app, request, id).await,
-        Route::ChatCompletions => (
-            ApiError::MethodNotAllowed { allow: "POST" }.into_response(),
-            RequestLog::default(),
-        ),
-        _ if !get => (
-            ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into_response(),
-            RequestLog::default(),
-        ),
-        Route::Healthz | Route::Health => (proxy::health(), RequestLog::default()),
-        Route::Models => proxy::list_models(app, request).await,
-        Route::Model => proxy::get_model(app, request).await,
+        Route::Unknown => ApiError::NotFound.into(),
+        Route::ChatCompletions if method == Method::POST => routes::chat::completions(app, request, id).await,
+        Route::ChatCompletions => ApiError::MethodNotAllowed { allow: "POST" }.into(),
+        _ if !get => ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into(),
+        Route::Healthz | Route::Health => routes::health::check(),
+        Route::Models => routes::models::list(app, request).await,
+        Route::Model => routes::models::one(app, request).await,
     }
 }
 

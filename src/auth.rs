@@ -26,7 +26,8 @@ pub struct Identity {
     pub client: Option<Arc<str>>,
 }
 
-/// Why a request is not authenticated or not permitted.
+/// Why a request is not authenticated or not permitted. Statuses, codes and messages are
+/// in [`crate::error`], the contract's table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// 401 `missing_credentials`: neither `Authorization` nor `X-Signature`.
@@ -58,48 +59,6 @@ pub enum AuthError {
     /// 503 `nonce_store_full`.
     #[error("nonce store full")]
     NonceStoreFull,
-}
-
-impl AuthError {
-    pub fn status(&self) -> u16 {
-        match self {
-            Self::ProductNotAllowed => 403,
-            Self::NonceStoreFull => 503,
-            _ => 401,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::MissingCredentials => "missing_credentials",
-            Self::AmbiguousCredentials => "ambiguous_credentials",
-            Self::InvalidToken => "invalid_token",
-            Self::TokenExpired => "token_expired",
-            Self::InvalidSignature => "invalid_signature",
-            Self::TimestampOutOfRange => "timestamp_out_of_range",
-            Self::ReplayedNonce => "replayed_nonce",
-            Self::ProductNotAllowed => "product_not_allowed",
-            Self::NonceStoreFull => "nonce_store_full",
-        }
-    }
-
-    pub fn message(&self) -> &'static str {
-        match self {
-            Self::MissingCredentials => {
-                "No credentials: send a JWT as Authorization: Bearer, or HMAC signature headers."
-            }
-            Self::AmbiguousCredentials => {
-                "Send either a JWT (Authorization) or an HMAC signature (X-Signature), not both."
-            }
-            Self::InvalidToken => "The token is invalid.",
-            Self::TokenExpired => "The token has expired.",
-            Self::InvalidSignature => "The request signature is invalid.",
-            Self::TimestampOutOfRange => "X-Timestamp is outside the allowed clock skew.",
-            Self::ReplayedNonce => "X-Nonce was already used.",
-            Self::ProductNotAllowed => "This credential may not use that product.",
-            Self::NonceStoreFull => "The replay-protection store is full; retry shortly.",
-        }
-    }
 }
 
 const X_SIGNATURE: http::HeaderName = http::HeaderName::from_static("x-signature");

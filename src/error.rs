@@ -1,8 +1,8 @@
 //! [`ApiError`]: the contract's table of statuses, types and codes, in one place.
 //!
 //! Every error response the proxy writes goes through [`ApiError::into_response`], so
-//! each one has OpenAI's envelope, the right `x-should-retry` and an [`ErrorCode`]
-//! extension that the request's log line reads. Messages are for clients: useful, never
+//! each one has OpenAI's envelope and the right `x-should-retry`;
+//! [`crate::request::Outcome`] records its code for the request's log line. Messages are for clients: useful, never
 //! internal detail, never a secret.
 
 use axum::response::{IntoResponse, Response};
@@ -13,10 +13,6 @@ use crate::auth::AuthError;
 use crate::limit::LimitError;
 use crate::upstream::UpstreamError;
 use crate::validate::ValidationError;
-
-/// The `code` of an error response, kept in the response's extensions for the log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ErrorCode(pub &'static str);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -38,10 +34,11 @@ pub enum ApiError {
     /// 400 (a client error while reading the body, e.g. a broken chunked encoding).
     #[error("unreadable body")]
     UnreadableBody,
-    /// 401, 403 or 503: see [`AuthError`].
+    /// 401 `authentication_error`, 403 `permission_error` `product_not_allowed`, 503
+    /// `server_error` `nonce_store_full`: see [`AuthError`].
     #[error(transparent)]
     Auth(#[from] AuthError),
-    /// 400: see [`ValidationError`].
+    /// 400 `invalid_request_error`: see [`ValidationError`].
     #[error(transparent)]
     Validation(#[from] ValidationError),
     /// 429: see [`LimitError`].
@@ -66,6 +63,7 @@ struct Described {
 }
 
 const INVALID: &str = "invalid_request_error";
+const AUTHENTICATION: &str = "authentication_error";
 
 /// A constant, so that the name is validated once, at compile time.
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -116,28 +114,117 @@ impl ApiError {
                 "The request body could not be read.",
             ),
             Self::Auth(e) => {
-                let (status, kind, retry) = match e.status() {
-                    403 => (S::FORBIDDEN, "permission_error", false),
-                    503 => (S::SERVICE_UNAVAILABLE, "server_error", true),
-                    _ => (S::UNAUTHORIZED, "authentication_error", false),
+                let (status, kind, code, message) = match e {
+                    AuthError::MissingCredentials => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "missing_credentials",
+                        "No credentials: send a JWT as Authorization: Bearer, or HMAC signature headers.",
+                    ),
+                    AuthError::AmbiguousCredentials => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "ambiguous_credentials",
+                        "Send either a JWT (Authorization) or an HMAC signature (X-Signature), not both.",
+                    ),
+                    AuthError::InvalidToken => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "invalid_token",
+                        "The token is invalid.",
+                    ),
+                    AuthError::TokenExpired => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "token_expired",
+                        "The token has expired.",
+                    ),
+                    AuthError::InvalidSignature => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "invalid_signature",
+                        "The request signature is invalid.",
+                    ),
+                    AuthError::TimestampOutOfRange => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "timestamp_out_of_range",
+                        "X-Timestamp is outside the allowed clock skew.",
+                    ),
+                    AuthError::ReplayedNonce => (
+                        S::UNAUTHORIZED,
+                        AUTHENTICATION,
+                        "replayed_nonce",
+                        "X-Nonce was already used.",
+                    ),
+                    AuthError::ProductNotAllowed => (
+                        S::FORBIDDEN,
+                        "permission_error",
+                        "product_not_allowed",
+                        "This credential may not use that product.",
+                    ),
+                    AuthError::NonceStoreFull => {
+                        return d(
+                            S::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            "nonce_store_full",
+                            "The replay-protection store is full; retry shortly.",
+                        )
+                        .retry_if(true);
+                    }
+                };
+                d(status, kind, code, message)
+            }
+            Self::Validation(e) => {
+                use ValidationError as V;
+                let (code, message, param) = match *e {
+                    V::InvalidJson => (
+                        "invalid_json",
+                        "The request body must be a JSON object with unique top-level keys.",
+                        None,
+                    ),
+                    V::Missing(p) => (
+                        "missing_required_field",
+                        if p == "model" {
+                            "The request must name a model."
+                        } else {
+                            "The request must have a non-empty messages array."
+                        },
+                        Some(p),
+                    ),
+                    V::InvalidType(p) => (
+                        "invalid_type",
+                        match p {
+                            "model" => "model must be a string.",
+                            "messages" => "messages must be an array.",
+                            "temperature" => "temperature must be a number.",
+                            _ => "The token limit must be an integer.",
+                        },
+                        Some(p),
+                    ),
+                    V::ModelNotAllowed => (
+                        "model_not_allowed",
+                        "This model is not allowed on this gateway.",
+                        Some("model"),
+                    ),
+                    V::EmptyMessages => ("invalid_messages", "messages must not be empty.", Some("messages")),
+                    V::TooSmall(p) => ("invalid_value", "The token limit must be at least 1.", Some(p)),
+                    V::TooLarge(p) => (
+                        "max_tokens_too_large",
+                        "The token limit is above this gateway's maximum.",
+                        Some(p),
+                    ),
+                    V::TemperatureOutOfRange => (
+                        "temperature_out_of_range",
+                        "temperature is outside the allowed range.",
+                        Some("temperature"),
+                    ),
                 };
                 Described {
-                    status,
-                    kind,
-                    code: e.code(),
-                    message: e.message(),
-                    param: None,
-                    retry,
+                    param,
+                    ..d(S::BAD_REQUEST, INVALID, code, message)
                 }
             }
-            Self::Validation(e) => Described {
-                status: S::BAD_REQUEST,
-                kind: INVALID,
-                code: e.code(),
-                message: e.message(),
-                param: e.param(),
-                retry: false,
-            },
             Self::Limit(e) => match e {
                 LimitError::RateLimited { .. } => Described {
                     status: S::TOO_MANY_REQUESTS,
@@ -183,6 +270,11 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         self.describe().code
     }
+
+    /// The field a 400 names, if any.
+    pub fn param(&self) -> Option<&'static str> {
+        self.describe().param
+    }
 }
 
 impl Described {
@@ -208,15 +300,8 @@ impl IntoResponse for ApiError {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::Limit(e) => e.write_headers(headers),
-            // Answered before the request body was read to its end: the rest of it may
-            // still be on its way, so the connection cannot carry another request. Saying
-            // so lets the client open a new one instead of reusing one hyper then closes.
-            Self::BodyTooLarge | Self::RequestTimeout | Self::UnreadableBody => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             _ => {}
         }
-        response.extensions_mut().insert(ErrorCode(d.code));
         response
     }
 }
@@ -240,6 +325,25 @@ fn envelope(message: &str, kind: &str, code: &str, param: Option<&str>) -> bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_errors_name_their_field() {
+        let param = |e| ApiError::Validation(e).param();
+        assert_eq!(param(ValidationError::ModelNotAllowed), Some("model"));
+        assert_eq!(param(ValidationError::TooLarge("max_tokens")), Some("max_tokens"));
+        assert_eq!(param(ValidationError::TemperatureOutOfRange), Some("temperature"));
+        assert_eq!(param(ValidationError::InvalidJson), None);
+    }
+
+    #[test]
+    fn auth_errors_have_the_contracts_statuses() {
+        let status = |e| ApiError::Auth(e).describe().status.as_u16();
+        assert_eq!(status(AuthError::InvalidToken), 401);
+        assert_eq!(status(AuthError::ProductNotAllowed), 403);
+        assert_eq!(status(AuthError::NonceStoreFull), 503);
+        assert!(ApiError::Auth(AuthError::NonceStoreFull).describe().retry);
+        assert!(!ApiError::Auth(AuthError::ReplayedNonce).describe().retry);
+    }
 
     #[test]
     fn envelope_is_openai_shaped_json() {

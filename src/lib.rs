@@ -4,11 +4,14 @@
 //! A request's way through the crate:
 //!
 //! - [`server`] accepts connections and drains them on SIGTERM;
-//! - [`app`] composes the routes and the layers ([`telemetry`]: request id and log line);
-//! - [`proxy`] is the request path, one straight line:
-//!   body -> [`auth`] (JWT or HMAC, to an [`auth::Identity`]) -> [`validate`] ->
-//!   [`limit`] (bucket and daily quota, in [`store`] or memory) -> [`upstream`];
-//! - [`error`] turns every failure into the contract's error envelope.
+//! - [`app`] holds the state and the route table, and writes each request's log line
+//!   ([`telemetry`]: request id and log line);
+//! - [`routes`] has one handler per API, each the contract's order of checks, one call
+//!   per step: body ([`request`]) -> [`auth`] (JWT or HMAC, to an [`auth::Identity`]) ->
+//!   [`validate`] -> [`limit`] (bucket and daily quota, in [`store`] or memory) ->
+//!   [`upstream`];
+//! - a handler hands back one [`request::Outcome`] (the response and what the log line
+//!   needs); [`error`] turns every failure into the contract's error envelope.
 //!
 //! [`metrics`] counts requests, upstream latency and limiter decisions for Prometheus.
 //! [`settings`] reads the environment once at startup; [`cli`] holds the `dev`,
@@ -20,7 +23,8 @@ pub mod cli;
 pub mod error;
 pub mod limit;
 pub mod metrics;
-pub mod proxy;
+pub mod request;
+pub mod routes;
 pub mod server;
 pub mod settings;
 pub mod store;

@@ -3,8 +3,8 @@
 //! The line is written when the response body ends (or is dropped), not when the
 //! headers leave, so that a stream cut by the upstream is logged as `upstream_aborted`
 //! and its latency covers the whole stream. Handlers return what they know (identity,
-//! upstream status) as a [`RequestLog`]; error responses carry their [`ErrorCode`] in
-//! their extensions. No body, key, token or signature is ever a field.
+//! error code, upstream status) as the [`RequestLog`] of their
+//! [`crate::request::Outcome`]. No body, key, token or signature is ever a field.
 //!
 //! The same line counts the request in [`crate::metrics`] (by route template, status and
 //! error code) and records the upstream latency. The JSON format for Cloud Logging lives
@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -28,8 +27,8 @@ use tokio::time::Instant;
 use tracing::Level;
 use tracing_subscriber::EnvFilter;
 
-use crate::error::ErrorCode;
 use crate::metrics;
+use crate::request::Outcome;
 use crate::settings::LogFormat;
 
 /// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout,
@@ -107,11 +106,14 @@ fn is_valid_request_id(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// What a handler learned about a request, for its log line.
+/// What a handler learned about a request, for its log line (carried by
+/// [`crate::request::Outcome`]).
 #[derive(Debug, Clone, Default)]
 pub struct RequestLog {
     pub product: Option<Arc<str>>,
     pub user: Option<Arc<str>>,
+    /// The contract's `code` of the error the proxy answered, if any.
+    pub error: Option<&'static str>,
     pub upstream_status: Option<u16>,
     pub upstream_request_id: Option<HeaderValue>,
     /// Time from sending the request upstream to the upstream's response headers.
@@ -128,7 +130,6 @@ pub struct LogLine {
     status: u16,
     id: RequestId,
     log: RequestLog,
-    error: Option<&'static str>,
     user_agent: Option<HeaderValue>,
     trace: Option<HeaderValue>,
 }
@@ -147,7 +148,6 @@ impl LogLine {
             status: 0,
             id: RequestId::from_client(headers.get(X_REQUEST_ID)),
             log: RequestLog::default(),
-            error: None,
             user_agent: headers.get(header::USER_AGENT).cloned(),
             // Cloud Run sets both trace headers, W3C first.
             trace: headers
@@ -164,21 +164,10 @@ impl LogLine {
 
     /// Stamps the request id on the response and hands the line to its body, which writes
     /// it when it ends.
-    pub fn finish(mut self, mut response: Response, log: RequestLog) -> http::Response<LoggedBody> {
+    pub fn finish(mut self, outcome: Outcome) -> http::Response<LoggedBody> {
+        let Outcome { mut response, log } = outcome;
         response.headers_mut().insert(X_REQUEST_ID, self.id.0.clone());
-        if self.method == Method::HEAD {
-            // The answer to a HEAD has the GET's headers and no body: hyper would never
-            // poll the body, and the line would call the request cut short.
-            if let Some(length) = response.body().size_hint().exact() {
-                response
-                    .headers_mut()
-                    .entry(header::CONTENT_LENGTH)
-                    .or_insert_with(|| HeaderValue::from(length));
-            }
-            *response.body_mut() = Body::empty();
-        }
         self.status = response.status().as_u16();
-        self.error = response.extensions().get::<ErrorCode>().map(|c| c.0);
         self.log = log;
         response.map(|body| LoggedBody {
             inner: body,
@@ -202,8 +191,8 @@ impl LogLine {
         let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let error = match end {
             End::UpstreamAborted => Some("upstream_aborted"),
-            End::ClientClosed if self.error.is_none() => Some("client_closed"),
-            _ => self.error,
+            End::ClientClosed if self.log.error.is_none() => Some("client_closed"),
+            _ => self.log.error,
         };
         metrics::request(self.route, self.status, error);
         if let Some(latency) = self.log.upstream_latency {

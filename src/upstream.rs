@@ -35,16 +35,21 @@ pub enum UpstreamError {
     /// `upstream_timeout`: no response headers within `UPSTREAM_TIMEOUT_SECONDS`.
     #[error("upstream timeout")]
     Timeout,
-    /// `upstream_auth_failed`: the upstream answered 401 or 403 to the product key.
+    /// `upstream_auth_failed`: the upstream answered 401 or 403 to the product key, after
+    /// `latency`.
     #[error("upstream auth failed")]
-    AuthFailed { status: u16 },
+    AuthFailed { status: u16, latency: Duration },
 }
 
-/// What the upstream answered, for the log line.
-#[derive(Debug, Clone)]
-pub struct UpstreamOutcome {
+/// The upstream's answer, on its way to the client, and what the log line needs of it.
+pub struct Forwarded {
+    /// The client's response: the allowed headers, the body streamed.
+    pub response: Response,
     pub status: u16,
+    /// The upstream's `x-request-id`.
     pub request_id: Option<HeaderValue>,
+    /// From sending the request to the upstream's response headers.
+    pub latency: Duration,
 }
 
 /// The only client headers that travel upstream (besides `X-Stainless-*`).
@@ -100,7 +105,7 @@ impl Upstream {
         authorization: &HeaderValue,
         request_id: &HeaderValue,
         client_headers: &HeaderMap,
-    ) -> Result<(Response, UpstreamOutcome), UpstreamError> {
+    ) -> Result<Forwarded, UpstreamError> {
         let length = body.len();
         let mut request = Request::new(Full::new(body));
         // Sized once for what is written below (growing a map rehashes it).
@@ -124,22 +129,22 @@ impl Upstream {
             }
         }
 
+        let sent = Instant::now();
         let response = match tokio::time::timeout(self.timeout, self.pool.send(request)).await {
             Err(_) => return Err(UpstreamError::Timeout),
             Ok(result) => result?,
         };
+        let latency = sent.elapsed();
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(UpstreamError::AuthFailed {
                 status: status.as_u16(),
+                latency,
             });
         }
 
         let (parts, incoming) = response.into_parts();
-        let outcome = UpstreamOutcome {
-            status: status.as_u16(),
-            request_id: parts.headers.get(X_REQUEST_ID).cloned(),
-        };
+        let request_id = parts.headers.get(X_REQUEST_ID).cloned();
         let mut out = Response::new(Body::new(IdleTimeout::new(incoming, self.idle_timeout)));
         // Room for the forwarded headers, the rate-limit headers and the request id.
         *out.headers_mut() = HeaderMap::with_capacity(16);
@@ -155,10 +160,15 @@ impl Upstream {
         {
             out_headers.insert(header::LOCATION, location.clone());
         }
-        if let Some(id) = &outcome.request_id {
+        if let Some(id) = &request_id {
             out_headers.insert(X_UPSTREAM_REQUEST_ID, id.clone());
         }
-        Ok((out, outcome))
+        Ok(Forwarded {
+            response: out,
+            status: status.as_u16(),
+            request_id,
+            latency,
+        })
     }
 }
 

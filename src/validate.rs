@@ -25,7 +25,8 @@ pub struct ChatRequest {
     pub stream: bool,
 }
 
-/// Why a body is refused (400 `invalid_request_error`).
+/// Why a body is refused (400 `invalid_request_error`; codes, messages and `param` in
+/// [`crate::error`], the contract's table).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
     /// `invalid_json`: not JSON, not an object, or a top-level key twice.
@@ -52,48 +53,6 @@ pub enum ValidationError {
     /// `temperature_out_of_range`.
     #[error("temperature out of range")]
     TemperatureOutOfRange,
-}
-
-impl ValidationError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidJson => "invalid_json",
-            Self::Missing(_) => "missing_required_field",
-            Self::InvalidType(_) => "invalid_type",
-            Self::ModelNotAllowed => "model_not_allowed",
-            Self::EmptyMessages => "invalid_messages",
-            Self::TooSmall(_) => "invalid_value",
-            Self::TooLarge(_) => "max_tokens_too_large",
-            Self::TemperatureOutOfRange => "temperature_out_of_range",
-        }
-    }
-
-    pub fn param(&self) -> Option<&'static str> {
-        match self {
-            Self::InvalidJson => None,
-            Self::Missing(p) | Self::InvalidType(p) | Self::TooSmall(p) | Self::TooLarge(p) => Some(p),
-            Self::ModelNotAllowed => Some("model"),
-            Self::EmptyMessages => Some("messages"),
-            Self::TemperatureOutOfRange => Some("temperature"),
-        }
-    }
-
-    pub fn message(&self) -> &'static str {
-        match self {
-            Self::InvalidJson => "The request body must be a JSON object with unique top-level keys.",
-            Self::Missing("model") => "The request must name a model.",
-            Self::Missing(_) => "The request must have a non-empty messages array.",
-            Self::InvalidType("model") => "model must be a string.",
-            Self::InvalidType("messages") => "messages must be an array.",
-            Self::InvalidType("temperature") => "temperature must be a number.",
-            Self::InvalidType(_) => "The token limit must be an integer.",
-            Self::ModelNotAllowed => "This model is not allowed on this gateway.",
-            Self::EmptyMessages => "messages must not be empty.",
-            Self::TooSmall(_) => "The token limit must be at least 1.",
-            Self::TooLarge(_) => "The token limit is above this gateway's maximum.",
-            Self::TemperatureOutOfRange => "temperature is outside the allowed range.",
-        }
-    }
 }
 
 const MAX_TOKENS: &str = "max_tokens";
@@ -461,13 +420,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn every_error_names_its_param() {
-        assert_eq!(ValidationError::ModelNotAllowed.param(), Some("model"));
-        assert_eq!(ValidationError::TooLarge("max_tokens").param(), Some("max_tokens"));
-        assert_eq!(ValidationError::TemperatureOutOfRange.param(), Some("temperature"));
-        assert_eq!(ValidationError::InvalidJson.param(), None);
     }
 }

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use api_key_server::auth::Identity;
+use api_key_server::error::ApiError;
 use api_key_server::limit::{Clock, LimitError, Limiter};
 use api_key_server::settings::{LimitSettings, Limits};
-use api_key_server::validate::{self, ValidationError};
+use api_key_server::validate;
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -271,10 +272,11 @@ proptest! {
                 prop_assert_eq!(request.stream, stream == Some("true"));
             }
             (Err(error), Err((code, param))) => {
+                let error = ApiError::from(error.clone());
                 prop_assert_eq!(error.code(), code, "{}", String::from_utf8_lossy(&body));
                 prop_assert_eq!(error.param(), param);
             }
-            _ => prop_assert!(false, "{} -> {:?}, expected {:?}", String::from_utf8_lossy(&body), got.as_ref().map(|_| ()).map_err(ValidationError::code), want),
+            _ => prop_assert!(false, "{} -> {:?}, expected {:?}", String::from_utf8_lossy(&body), got.as_ref().map(|_| ()).map_err(|e| ApiError::from(e.clone()).code()), want),
         }
     }
 }

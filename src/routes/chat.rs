@@ -1,0 +1,43 @@
+//! `POST /v1/chat/completions`.
+
+use http::{Method, Request};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::request::{self, Outcome};
+use crate::telemetry::RequestId;
+use crate::validate;
+
+/// Body (413, 408) -> authentication (401, 403) -> validation (400) -> limits (429) ->
+/// upstream. Every answer after the limit decision carries the bucket's headers.
+pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
+    let (parts, body) = request.into_parts();
+    let settings = &app.settings;
+    let body = match request::read_body(body, &parts.headers, settings.max_body_bytes, settings.client_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let identity = match app
+        .auth
+        .verify(&Method::POST, parts.uri.path(), &parts.headers, &body)
+        .await
+    {
+        Ok(identity) => identity,
+        Err(error) => return ApiError::from(error).into(),
+    };
+    let result = async {
+        let chat = validate::chat(&body, &settings.policy)?;
+        let grant = app.limiter.admit(&identity).await?;
+        // Authentication only yields products that have a key; a miss here is a defect.
+        let key = settings.product_keys.get(&identity.product).ok_or(ApiError::Internal)?;
+        let forwarded = app
+            .upstream
+            .forward(chat.body, key.expose(), &id.0, &parts.headers)
+            .await;
+        let mut outcome = forwarded.map_or_else(|error| ApiError::from(error).into(), Outcome::from);
+        grant.headers.write(outcome.response.headers_mut());
+        Ok(outcome)
+    };
+    Outcome::of(&identity, result.await)
+}
