@@ -42,6 +42,8 @@ struct Process {
     child: Child,
     addr: SocketAddr,
     output: Arc<Mutex<Vec<String>>>,
+    /// The stdout and stderr readers: each ends at its pipe's end of file.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Process {
@@ -53,8 +55,10 @@ impl Process {
             .spawn()
             .unwrap();
         let output: Arc<Mutex<Vec<String>>> = Arc::default();
-        collect(child.stdout.take().unwrap(), output.clone());
-        collect(child.stderr.take().unwrap(), output.clone());
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), output.clone()),
+            collect(child.stderr.take().unwrap(), output.clone()),
+        ];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let port = loop {
             let found = output.lock().unwrap().iter().find_map(|line| listening_port(line));
@@ -68,6 +72,7 @@ impl Process {
             child,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             output,
+            readers,
         }
     }
 
@@ -91,19 +96,28 @@ impl Process {
             .expect("exits after SIGTERM")
             .unwrap();
         assert!(status.success(), "clean exit: {status}");
-        // The readers finish at EOF, shortly after exit.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Every line, to the end of both pipes: the readers finish at end of file, which
+        // comes once the process has exited and its last line has been read.
+        for reader in self.readers.drain(..) {
+            tokio::time::timeout(Duration::from_secs(15), reader)
+                .await
+                .expect("the log pipes end after exit")
+                .unwrap();
+        }
         self.output.lock().unwrap().join("\n")
     }
 }
 
-fn collect(stream: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+fn collect(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             into.lock().unwrap().push(line);
         }
-    });
+    })
 }
 
 /// The port of the `listening` line, in either log format (`address=0.0.0.0:N` or JSON).
