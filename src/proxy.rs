@@ -56,12 +56,13 @@ async fn chat(
             log.upstream_request_id = outcome.request_id;
             response
         }
-        Err(error) => {
-            if let crate::upstream::UpstreamError::AuthFailed { status } = error {
+        Err(failure) => {
+            log.upstream_error_cause = failure.cause;
+            if let crate::upstream::UpstreamError::AuthFailed { status } = failure.error {
                 log.upstream_latency = Some(sent.elapsed());
                 log.upstream_status = Some(status);
             }
-            ApiError::from(error).into_response()
+            ApiError::from(failure.error).into_response()
         }
     };
     grant.headers.write(response.headers_mut());

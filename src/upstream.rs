@@ -4,8 +4,10 @@
 //! The connections are HTTP/1.1, pooled by `upstream/pool.rs`. Nothing here follows redirects or
 //! reads proxy variables, which is what the contract wants. Timing is ours: a deadline for
 //! the response headers (connecting included), then an idle timer between body frames, so
-//! that long streams live as long as they keep talking.
+//! that long streams live as long as they keep talking. A failure carries its [`Cause`]
+//! beside the client's answer, for the log line and the metrics.
 
+mod cause;
 mod pool;
 
 use std::pin::Pin;
@@ -23,6 +25,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::time::{Instant, Sleep};
 
+pub use self::cause::Cause;
 use self::pool::Pool;
 use crate::settings::UpstreamSettings;
 
@@ -38,6 +41,25 @@ pub enum UpstreamError {
     /// `upstream_auth_failed`: the upstream answered 401 or 403 to the product key.
     #[error("upstream auth failed")]
     AuthFailed { status: u16 },
+}
+
+/// A request that got no usable response: the client's answer, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct UpstreamFailure {
+    pub error: UpstreamError,
+    /// For the log line and the metrics; `None` when the upstream did answer
+    /// ([`UpstreamError::AuthFailed`]).
+    pub cause: Option<Cause>,
+}
+
+impl From<Cause> for UpstreamFailure {
+    fn from(cause: Cause) -> Self {
+        Self {
+            error: cause.error(),
+            cause: Some(cause),
+        }
+    }
 }
 
 /// What the upstream answered, for the log line.
@@ -100,7 +122,7 @@ impl Upstream {
         authorization: &HeaderValue,
         request_id: &HeaderValue,
         client_headers: &HeaderMap,
-    ) -> Result<(Response, UpstreamOutcome), UpstreamError> {
+    ) -> Result<(Response, UpstreamOutcome), UpstreamFailure> {
         let length = body.len();
         let mut request = Request::new(Full::new(body));
         // Sized once for what is written below (growing a map rehashes it).
@@ -124,14 +146,14 @@ impl Upstream {
             }
         }
 
-        let response = match tokio::time::timeout(self.timeout, self.pool.send(request)).await {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(result) => result?,
-        };
+        let response = self.pool.send(request, self.timeout).await?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(UpstreamError::AuthFailed {
-                status: status.as_u16(),
+            return Err(UpstreamFailure {
+                error: UpstreamError::AuthFailed {
+                    status: status.as_u16(),
+                },
+                cause: None,
             });
         }
 
