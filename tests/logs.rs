@@ -366,7 +366,8 @@ async fn metrics_url(server: &ServerProcess) -> String {
 /// Sends one chat whose content is `case` with request id `case`; returns the status and
 /// whether the body ended cleanly.
 async fn chat_case(server: &ServerProcess, case: &str) -> (u16, bool) {
-    let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": case}], "max_tokens": 16});
+    let body =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": case}], "max_tokens": 16});
     let response = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
         .bearer_auth(jwt("demo", "alice"))
@@ -389,7 +390,13 @@ async fn each_upstream_failure_logs_its_cause_and_counts_it_by_cause() {
 
     // (upstream, case, status, error code, cause)
     let cases = [
-        (&refusing, "CASE-REFUSED", 502, "upstream_unreachable", "connect_refused"),
+        (
+            &refusing,
+            "CASE-REFUSED",
+            502,
+            "upstream_unreachable",
+            "connect_refused",
+        ),
         (&not_tls, "CASE-TLS", 502, "upstream_unreachable", "tls"),
         (&failing, "CASE-GARBAGE", 502, "upstream_unreachable", "protocol"),
         (&failing, "CASE-RESET", 502, "upstream_unreachable", "reset"),
@@ -401,8 +408,12 @@ async fn each_upstream_failure_logs_its_cause_and_counts_it_by_cause() {
     let mut servers: Vec<(&String, ServerProcess, String)> = Vec::new();
     for upstream in [&refusing, &not_tls, &failing] {
         let mut env = base_env(upstream);
-        set(&mut env, "UPSTREAM_TIMEOUT_SECONDS", "0.5");
-        set(&mut env, "UPSTREAM_IDLE_TIMEOUT_SECONDS", "0.5");
+        if upstream == &failing {
+            // Short enough for the stalling cases, long enough for the others to fail
+            // first on a busy machine (the rest keep the tests' 5 s).
+            set(&mut env, "UPSTREAM_TIMEOUT_SECONDS", "1");
+            set(&mut env, "UPSTREAM_IDLE_TIMEOUT_SECONDS", "1");
+        }
         set(&mut env, "METRICS_PORT", "0");
         let server = ServerProcess::start(&env).await;
         let metrics = metrics_url(&server).await;
@@ -428,7 +439,8 @@ async fn each_upstream_failure_logs_its_cause_and_counts_it_by_cause() {
             .text()
             .await
             .expect("text");
-        let series = format!(r#"api_key_server_upstream_failures_total{{route="/v1/chat/completions",cause="{cause}"}} "#);
+        let series =
+            format!(r#"api_key_server_upstream_failures_total{{route="/v1/chat/completions",cause="{cause}"}} "#);
         let count = text
             .lines()
             .find_map(|l| l.strip_prefix(series.as_str()))

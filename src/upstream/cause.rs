@@ -226,7 +226,10 @@ mod tests {
         let rustls = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
         assert_eq!(Cause::of(&io::Error::other(rustls)), Cause::Tls);
         // An `UnexpectedEof` that wraps something unknown is still a close.
-        let eof = io::Error::new(io::ErrorKind::UnexpectedEof, Wrapper(Box::new(io(io::ErrorKind::Other))));
+        let eof = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            Wrapper(Box::new(io(io::ErrorKind::Other))),
+        );
         assert_eq!(Cause::of(&eof), Cause::Closed);
     }
 
@@ -263,6 +266,10 @@ mod tests {
     fn the_words_are_distinct_snake_case() {
         let words: std::collections::HashSet<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(words.len(), Cause::ALL.len());
-        assert!(words.iter().all(|w| w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        assert!(
+            words
+                .iter()
+                .all(|w| w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        );
     }
 }

@@ -185,54 +185,45 @@ impl Pool {
     async fn room(&self, waiting: &mut bool) -> Room<'_> {
         let open = match Arc::clone(&self.open).try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => {
-                *waiting = true;
-                match self.wait(Arc::clone(&self.open).acquire_owned()).await {
-                    Waited::Permit(permit) => permit,
-                    Waited::Returned(sender) => {
-                        *waiting = false;
-                        return Room::Returned(sender);
-                    }
-                }
-            }
+            Err(_) => match self.wait(Arc::clone(&self.open).acquire_owned(), waiting).await {
+                Waited::Permit(permit) => permit,
+                Waited::Returned(sender) => return Room::Returned(sender),
+            },
         };
         let connecting = match self.connecting.try_acquire() {
             Ok(permit) => permit,
-            Err(_) => {
-                *waiting = true;
-                match self.wait(self.connecting.acquire()).await {
-                    Waited::Permit(permit) => permit,
-                    // The open permit goes back with `open`, dropped here.
-                    Waited::Returned(sender) => {
-                        *waiting = false;
-                        return Room::Returned(sender);
-                    }
-                }
-            }
+            // A connection given back makes `open` go back too (dropped here).
+            Err(_) => match self.wait(self.connecting.acquire(), waiting).await {
+                Waited::Permit(permit) => permit,
+                Waited::Returned(sender) => return Room::Returned(sender),
+            },
         };
-        *waiting = false;
         Room::Connect(open, connecting)
     }
 
-    /// Waits for `permit`, or for a connection given back to the pool, whichever first.
-    async fn wait<P>(&self, permit: impl Future<Output = Result<P, AcquireError>>) -> Waited<P> {
+    /// Waits for `permit`, or for a connection given back to the pool, whichever first,
+    /// with `waiting` set meanwhile.
+    async fn wait<P>(&self, permit: impl Future<Output = Result<P, AcquireError>>, waiting: &mut bool) -> Waited<P> {
+        *waiting = true;
         let mut permit = pin!(permit);
-        loop {
+        let waited = loop {
             // Registered before the pool is looked at, so that a connection given back
             // in between still wakes this request.
             let mut returned = pin!(self.returned.notified());
             returned.as_mut().enable();
             if let Some(sender) = self.checkout().await {
-                return Waited::Returned(sender);
+                break Waited::Returned(sender);
             }
             tokio::select! {
                 biased;
                 permit = &mut permit => {
-                    return Waited::Permit(permit.expect("the pool never closes its semaphores"));
+                    break Waited::Permit(permit.expect("the pool never closes its semaphores"));
                 }
                 () = returned => {}
             }
-        }
+        };
+        *waiting = false;
+        waited
     }
 
     /// The most recently returned connection that is still open, ready for a request.
@@ -498,7 +489,11 @@ mod tests {
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let mut body = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap().into_body();
+        let mut body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         let frame = body.frame().await.unwrap().unwrap();
@@ -517,7 +512,11 @@ mod tests {
     async fn a_body_that_fails_does_not_return_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let body = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap().into_body();
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         feed.send(Err(std::io::Error::other("broken"))).await.unwrap();
@@ -529,7 +528,11 @@ mod tests {
     async fn a_stream_read_to_its_end_returns_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let body = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap().into_body();
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         drop(feed);
@@ -734,7 +737,11 @@ mod tests {
     async fn a_request_without_room_waits_and_takes_the_connection_given_back() {
         let (upstream, feed) = upstream().await;
         let pool = bounded(upstream.addr, "http", 1, 1);
-        let body = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap().into_body();
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
 
         // Polled once: it finds no idle connection and no room for a new one. Unbounded,
@@ -757,7 +764,11 @@ mod tests {
         let _held = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap();
         let second = pool.send(upstream.request("/full"), Duration::from_millis(100)).await;
         assert_eq!(second.err(), Some(Cause::PoolWait));
-        assert_eq!(Cause::PoolWait.error(), crate::upstream::UpstreamError::Timeout, "502 upstream_timeout");
+        assert_eq!(
+            Cause::PoolWait.error(),
+            crate::upstream::UpstreamError::Timeout,
+            "502 upstream_timeout"
+        );
         assert_eq!(upstream.connections(), 1);
     }
 
@@ -778,7 +789,11 @@ mod tests {
         let pool = bounded(addr, "https", 8, 1);
         let first = tokio::spawn({
             let pool = Arc::clone(&pool);
-            async move { pool.send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE).await.err() }
+            async move {
+                pool.send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+                    .await
+                    .err()
+            }
         });
         accepted_rx.recv().await.unwrap();
         let second = pool
@@ -822,7 +837,10 @@ mod tests {
         .await;
         let pool = bounded(addr, "http", 1, 1);
         for _ in 0..3 {
-            let response = pool.send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE).await.unwrap();
+            let response = pool
+                .send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+                .await
+                .unwrap();
             assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
