@@ -9,9 +9,9 @@
 //! The same line counts the request in [`crate::metrics`] (by route template, status and
 //! error code), records the upstream latency and counts an upstream failure by its cause
 //! (`upstream_error_cause`: from the handler before the headers, from the body's error
-//! after them). The JSON format for Cloud Logging lives
-//! in [`cloud_logging`], which writes the request line itself, without tracing's event
-//! machinery; the text format gets it as a tracing event. Either way `RUST_LOG` decides.
+//! after them). The JSON format for Cloud Logging lives in [`cloud_logging`], which
+//! writes the request line itself, without tracing's event machinery; the text format
+//! gets it as a tracing event. Either way `RUST_LOG` decides.
 
 mod cloud_logging;
 

@@ -845,4 +845,17 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
+
+    #[tokio::test]
+    async fn a_host_name_that_does_not_resolve_is_a_dns_failure() {
+        // A label longer than DNS allows (63 bytes): the system's resolver refuses the
+        // name itself, without asking a server.
+        let host = format!("{}.invalid", "a".repeat(64));
+        let pool = Pool::new(format!("http://{host}/").parse().unwrap());
+        let request = Request::post("/")
+            .header(header::HOST, host)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        assert_eq!(pool.send(request, DEADLINE).await.err(), Some(Cause::Dns));
+    }
 }
