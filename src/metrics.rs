@@ -10,7 +10,7 @@
 //!
 //! Label cardinality is bounded by construction: routes are the templates of
 //! [`crate::app::Route`] (never a raw path, and `&'static str` by type), statuses and error codes come from the contract's tables, and the limiter
-//! labels are fixed words. Nothing here may ever take a product, user, key or path.
+//! labels and upstream failure causes are fixed words ([`crate::upstream::Cause`]). Nothing here may ever take a product, user, key or path.
 //!
 //! The listener serves only `GET /metrics`. On Cloud Run the port is reachable only
 //! inside the instance, by the Managed Prometheus sidecar (see `deploy/`).
@@ -54,6 +54,13 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    route: &'static str,
+    /// A word of [`crate::upstream::Cause::as_str`].
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     outcome: &'static str,
     backend: &'static str,
@@ -63,6 +70,7 @@ struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Histogram,
+    upstream_failures: Family<FailureLabels, Counter>,
     limiter_decisions: Family<DecisionLabels, Counter>,
     redis_errors: Counter,
     redis_configured: Gauge,
@@ -82,6 +90,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "upstream_latency_seconds",
         "Time from sending a request upstream to the upstream's response headers",
         upstream_latency.clone(),
+    );
+    let upstream_failures = Family::<FailureLabels, Counter>::default();
+    registry.register(
+        "upstream_failures",
+        "Requests the upstream gave no usable response or cut short, by route template and cause \
+         (connect_refused, connect_failed, dns, tls, reset, closed, protocol, timeout, idle_timeout, pool_wait, other)",
+        upstream_failures.clone(),
     );
     let limiter_decisions = Family::<DecisionLabels, Counter>::default();
     // Every combination exists from the start, at 0: an empty family is not exposed at
@@ -118,6 +133,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
         requests,
         upstream_latency,
+        upstream_failures,
         limiter_decisions,
         redis_errors,
         redis_configured,
@@ -140,6 +156,16 @@ pub fn request(route: &'static str, status: u16, code: Option<&'static str>) {
 /// Records the time until the upstream's response headers, in seconds.
 pub fn upstream_latency(seconds: f64) {
     METRICS.upstream_latency.observe(seconds);
+}
+
+/// Counts one upstream failure of a request on `route` (a template, as for
+/// [`request`]); `cause` is a word of [`crate::upstream::Cause::as_str`]. Called from the
+/// request's log line, with the same cause.
+pub fn upstream_failure(route: &'static str, cause: &'static str) {
+    METRICS
+        .upstream_failures
+        .get_or_create(&FailureLabels { route, cause })
+        .inc();
 }
 
 /// Counts one limiter decision. `outcome`: `"admitted"`, `"rate_limited"` or
@@ -221,10 +247,12 @@ mod tests {
     fn render_holds_every_metric_family() {
         request("/v1/unit-test", 200, None);
         limiter_decision("admitted", "memory");
+        upstream_failure("/v1/unit-test", "tls");
         let text = render();
         for name in [
             "api_key_server_requests_total",
             "api_key_server_upstream_latency_seconds",
+            "api_key_server_upstream_failures_total",
             "api_key_server_limiter_decisions_total",
             "api_key_server_redis_errors_total",
             "api_key_server_redis_configured",
@@ -234,6 +262,10 @@ mod tests {
         }
         assert!(
             text.contains(r#"api_key_server_requests_total{route="/v1/unit-test",status="200",code=""}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"api_key_server_upstream_failures_total{route="/v1/unit-test",cause="tls"} 1"#),
             "{text}"
         );
     }

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::telemetry::RequestLog;
-use crate::upstream::{Forwarded, UpstreamError};
+use crate::upstream::{Forwarded, UpstreamError, UpstreamFailure};
 
 /// A route's answer and what its log line needs.
 pub struct Outcome {
@@ -80,6 +80,14 @@ impl From<ApiError> for Outcome {
             response: error.into_response(),
             log,
         }
+    }
+}
+
+impl From<UpstreamFailure> for Outcome {
+    fn from(failure: UpstreamFailure) -> Self {
+        let mut outcome = Self::from(ApiError::from(failure.error));
+        outcome.log.upstream_error_cause = failure.cause;
+        outcome
     }
 }
 

@@ -7,9 +7,11 @@
 //! [`crate::request::Outcome`]. No body, key, token or signature is ever a field.
 //!
 //! The same line counts the request in [`crate::metrics`] (by route template, status and
-//! error code) and records the upstream latency. The JSON format for Cloud Logging lives
-//! in [`cloud_logging`], which writes the request line itself, without tracing's event
-//! machinery; the text format gets it as a tracing event. Either way `RUST_LOG` decides.
+//! error code), records the upstream latency and counts an upstream failure by its cause
+//! (`upstream_error_cause`: from the handler before the headers, from the body's error
+//! after them). The JSON format for Cloud Logging lives in [`cloud_logging`], which
+//! writes the request line itself, without tracing's event machinery; the text format
+//! gets it as a tracing event. Either way `RUST_LOG` decides.
 
 mod cloud_logging;
 
@@ -30,6 +32,7 @@ use tracing_subscriber::EnvFilter;
 use crate::metrics;
 use crate::request::Outcome;
 use crate::settings::LogFormat;
+use crate::upstream;
 
 /// Sets the global subscriber: `RUST_LOG` filter (default `info`), lines on stdout,
 /// without trace links (see [`init_with_project`]).
@@ -118,6 +121,8 @@ pub struct RequestLog {
     pub upstream_request_id: Option<HeaderValue>,
     /// Time from sending the request upstream to the upstream's response headers.
     pub upstream_latency: Option<std::time::Duration>,
+    /// Why the upstream gave no usable response, or cut it (`upstream_aborted`).
+    pub upstream_error_cause: Option<upstream::Cause>,
 }
 
 /// The request's log line, begun when the request arrives ([`LogLine::begin`]) and
@@ -198,6 +203,10 @@ impl LogLine {
         if let Some(latency) = self.log.upstream_latency {
             metrics::upstream_latency(latency.as_secs_f64());
         }
+        let cause = self.log.upstream_error_cause.map(upstream::Cause::as_str);
+        if let Some(cause) = cause {
+            metrics::upstream_failure(self.route, cause);
+        }
         // A disabled line costs nothing more (`RUST_LOG=warn`, or `request=off`).
         if !tracing::enabled!(target: cloud_logging::REQUEST_TARGET, Level::INFO) {
             return;
@@ -211,6 +220,7 @@ impl LogLine {
             product: self.log.product.as_deref(),
             user: self.log.user.as_deref(),
             error,
+            upstream_error_cause: cause,
             upstream_status: self.log.upstream_status,
             upstream_request_id: self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok()),
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
@@ -235,6 +245,8 @@ struct RequestFields<'a> {
     product: Option<&'a str>,
     user: Option<&'a str>,
     error: Option<&'a str>,
+    /// One of [`upstream::Cause`]'s words, never an error's text.
+    upstream_error_cause: Option<&'static str>,
     upstream_status: Option<u16>,
     upstream_request_id: Option<&'a str>,
     /// Client-controlled text, like `trace`: only ever the value of its own field (escaped
@@ -258,6 +270,7 @@ impl RequestFields<'_> {
             product = self.product,
             user = self.user,
             error = self.error,
+            upstream_error_cause = self.upstream_error_cause,
             upstream_status = self.upstream_status,
             upstream_request_id = self.upstream_request_id,
             user_agent = self.user_agent,
@@ -286,8 +299,11 @@ impl HttpBody for LoggedBody {
                     line.emit(End::Complete);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(line) = self.line.take() {
+            Poll::Ready(Some(Err(error))) => {
+                if let Some(mut line) = self.line.take() {
+                    // Only upstream bodies fail: the cause is the upstream's (or our idle
+                    // timer's), read from the error's types, never its text.
+                    line.log.upstream_error_cause = Some(upstream::Cause::of(error));
                     line.emit(End::UpstreamAborted);
                 }
             }

@@ -4,8 +4,10 @@
 //! The connections are HTTP/1.1, pooled by `upstream/pool.rs`. Nothing here follows redirects or
 //! reads proxy variables, which is what the contract wants. Timing is ours: a deadline for
 //! the response headers (connecting included), then an idle timer between body frames, so
-//! that long streams live as long as they keep talking.
+//! that long streams live as long as they keep talking. A failure carries its [`Cause`]
+//! beside the client's answer, for the log line and the metrics.
 
+mod cause;
 mod pool;
 
 use std::pin::Pin;
@@ -23,6 +25,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::time::{Instant, Sleep};
 
+pub use self::cause::Cause;
 use self::pool::Pool;
 use crate::settings::UpstreamSettings;
 
@@ -39,6 +42,25 @@ pub enum UpstreamError {
     /// `latency`.
     #[error("upstream auth failed")]
     AuthFailed { status: u16, latency: Duration },
+}
+
+/// A request that got no usable response: the client's answer, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct UpstreamFailure {
+    pub error: UpstreamError,
+    /// For the log line and the metrics; `None` when the upstream did answer
+    /// ([`UpstreamError::AuthFailed`]).
+    pub cause: Option<Cause>,
+}
+
+impl From<Cause> for UpstreamFailure {
+    fn from(cause: Cause) -> Self {
+        Self {
+            error: cause.error(),
+            cause: Some(cause),
+        }
+    }
 }
 
 /// The upstream's answer, on its way to the client, and what the log line needs of it.
@@ -105,7 +127,7 @@ impl Upstream {
         authorization: &HeaderValue,
         request_id: &HeaderValue,
         client_headers: &HeaderMap,
-    ) -> Result<Forwarded, UpstreamError> {
+    ) -> Result<Forwarded, UpstreamFailure> {
         let length = body.len();
         let mut request = Request::new(Full::new(body));
         // Sized once for what is written below (growing a map rehashes it).
@@ -130,16 +152,16 @@ impl Upstream {
         }
 
         let sent = Instant::now();
-        let response = match tokio::time::timeout(self.timeout, self.pool.send(request)).await {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(result) => result?,
-        };
+        let response = self.pool.send(request, self.timeout).await?;
         let latency = sent.elapsed();
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(UpstreamError::AuthFailed {
-                status: status.as_u16(),
-                latency,
+            return Err(UpstreamFailure {
+                error: UpstreamError::AuthFailed {
+                    status: status.as_u16(),
+                    latency,
+                },
+                cause: None,
             });
         }
 

@@ -283,6 +283,16 @@ async fn a_reset_or_garbage_before_the_headers_is_502_upstream_unreachable() {
 }
 
 #[tokio::test]
+async fn a_failed_tls_handshake_is_502_upstream_unreachable() {
+    // `https` towards a peer that answers the handshake in plain HTTP.
+    let plain = MockUpstream::openai().await;
+    let app = TestApp::spawn(&format!("https://{}/v1/chat/completions", plain.addr), &[]).await;
+    expect_502(&app, "upstream_unreachable", "true").await;
+    assert!(plain.requests().is_empty(), "no request reached it");
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn no_headers_in_time_is_502_upstream_timeout() {
     let router = Router::new().route(
         "/v1/chat/completions",

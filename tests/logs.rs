@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{HMAC_SECRET, MockUpstream, PRODUCT_KEY, ServerProcess, Signed, base_env, binary, jwt, set};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
 /// A prompt that must never reach a log line.
 const PROMPT: &str = "PROMPT-TEXT-never-logged-5e1d";
@@ -304,4 +305,154 @@ async fn log_format_text_writes_lines_for_humans() {
     );
     assert!(!line.contains('\u{1b}'), "no colour codes off a terminal: {line}");
     let _ = child.kill().await;
+}
+
+/// A raw upstream whose behaviour the request's content picks (`CASE-...`): the ways an
+/// upstream fails, before its headers and after them.
+async fn failing_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The whole (small) request: its JSON body ends with `}`.
+                let mut request = Vec::new();
+                while !request.ends_with(b"}") {
+                    let mut buf = [0u8; 8192];
+                    match socket.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&request).into_owned();
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n";
+                if text.contains("CASE-RESET-BODY") {
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.flush().await;
+                    // Given time to reach the proxy before the RST, which would discard it.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = socket.set_zero_linger();
+                } else if text.contains("CASE-RESET") {
+                    // RST instead of FIN.
+                    let _ = socket.set_zero_linger();
+                } else if text.contains("CASE-GARBAGE") {
+                    let _ = socket.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n").await;
+                } else if text.contains("CASE-STALL-HEADERS") || text.contains("CASE-STALL-BODY") {
+                    if text.contains("CASE-STALL-BODY") {
+                        let _ = socket.write_all(head.as_bytes()).await;
+                    }
+                    // Silent, the connection open, for longer than the proxy waits.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                // `CASE-CLOSE`, and the end of every other case: FIN without an answer.
+                drop(socket);
+            });
+        }
+    });
+    format!("http://{addr}/v1/chat/completions")
+}
+
+/// The metrics address from the `metrics endpoint ready` line.
+async fn metrics_url(server: &ServerProcess) -> String {
+    let line = json_line(server, "metrics line", |v| v["message"] == "metrics endpoint ready").await;
+    let port = line["address"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("a port in the metrics line");
+    format!("http://127.0.0.1:{port}/metrics")
+}
+
+/// Sends one chat whose content is `case` with request id `case`; returns the status and
+/// whether the body ended cleanly.
+async fn chat_case(server: &ServerProcess, case: &str) -> (u16, bool) {
+    let body =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": case}], "max_tokens": 16});
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(jwt("demo", "alice"))
+        .header("x-request-id", case)
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("response");
+    let status = response.status().as_u16();
+    (status, response.bytes().await.is_ok())
+}
+
+#[tokio::test]
+async fn each_upstream_failure_logs_its_cause_and_counts_it_by_cause() {
+    let failing = failing_upstream().await;
+    let refusing = format!("http://127.0.0.1:{}/v1/chat/completions", common::closed_port().await);
+    // TLS towards a peer that speaks plain HTTP: the handshake fails.
+    let plain = MockUpstream::openai().await;
+    let not_tls = format!("https://{}/v1/chat/completions", plain.addr);
+
+    // (upstream, case, status, error code, cause)
+    let cases = [
+        (
+            &refusing,
+            "CASE-REFUSED",
+            502,
+            "upstream_unreachable",
+            "connect_refused",
+        ),
+        (&not_tls, "CASE-TLS", 502, "upstream_unreachable", "tls"),
+        (&failing, "CASE-GARBAGE", 502, "upstream_unreachable", "protocol"),
+        (&failing, "CASE-RESET", 502, "upstream_unreachable", "reset"),
+        (&failing, "CASE-CLOSE", 502, "upstream_unreachable", "closed"),
+        (&failing, "CASE-STALL-HEADERS", 502, "upstream_timeout", "timeout"),
+        (&failing, "CASE-STALL-BODY", 200, "upstream_aborted", "idle_timeout"),
+        (&failing, "CASE-RESET-BODY", 200, "upstream_aborted", "reset"),
+    ];
+    let mut servers: Vec<(&String, ServerProcess, String)> = Vec::new();
+    for upstream in [&refusing, &not_tls, &failing] {
+        let mut env = base_env(upstream);
+        if upstream == &failing {
+            // Short enough for the stalling cases, long enough for the others to fail
+            // first on a busy machine (the rest keep the tests' 5 s).
+            set(&mut env, "UPSTREAM_TIMEOUT_SECONDS", "1");
+            set(&mut env, "UPSTREAM_IDLE_TIMEOUT_SECONDS", "1");
+        }
+        set(&mut env, "METRICS_PORT", "0");
+        let server = ServerProcess::start(&env).await;
+        let metrics = metrics_url(&server).await;
+        servers.push((upstream, server, metrics));
+    }
+
+    for (i, &(upstream, case, status, code, cause)) in cases.iter().enumerate() {
+        let (_, server, metrics) = servers.iter().find(|(u, ..)| *u == upstream).expect("a server");
+        let (answered, clean) = chat_case(server, case).await;
+        assert_eq!(answered, status, "{case}");
+        // A 502 is a complete answer; a 200 whose upstream failed is cut.
+        assert_eq!(clean, status == 502, "{case}");
+        let line = json_line(server, &format!("request line of {case}"), |v| {
+            v["target"] == "request" && v["request_id"] == case
+        })
+        .await;
+        assert_eq!(line["error"], code, "{case}: {line}");
+        assert_eq!(line["upstream_error_cause"], cause, "{case}: {line}");
+
+        let text = reqwest::get(metrics.as_str())
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("text");
+        let series =
+            format!(r#"api_key_server_upstream_failures_total{{route="/v1/chat/completions",cause="{cause}"}} "#);
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("{case}: {series} in\n{text}"));
+        // This case's and the earlier ones' of the same server and cause.
+        let expected = cases[..=i]
+            .iter()
+            .filter(|(u, .., k)| *u == upstream && *k == cause)
+            .count();
+        assert_eq!(count.trim(), expected.to_string(), "{case}");
+    }
+    for (_, server, _) in &servers {
+        assert_no_secret(&server.output(), &[]);
+    }
 }

@@ -171,6 +171,10 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
             assert!(sample(&last, &series).is_some(), "{series} in:\n{last}");
         }
     }
+    assert!(
+        !last.contains("api_key_server_upstream_failures_total{"),
+        "traffic the upstream answered counts no upstream failure:\n{last}"
+    );
     assert!(!last.contains("/raw/path"), "raw paths are never labels:\n{last}");
     for secret in [PRODUCT_KEY, HMAC_SECRET, "alice", "demo"] {
         assert!(!last.contains(secret), "{secret} in the metrics");

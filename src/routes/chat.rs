@@ -35,7 +35,7 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
             .upstream
             .forward(chat.body, key.expose(), &id.0, &parts.headers)
             .await;
-        let mut outcome = forwarded.map_or_else(|error| ApiError::from(error).into(), Outcome::from);
+        let mut outcome = forwarded.map_or_else(Outcome::from, Outcome::from);
         grant.headers.write(outcome.response.headers_mut());
         Ok(outcome)
     };

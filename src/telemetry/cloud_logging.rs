@@ -124,6 +124,7 @@ impl RequestLines {
             ("product", fields.product),
             ("user", fields.user),
             ("error", fields.error),
+            ("upstream_error_cause", fields.upstream_error_cause),
         ] {
             if let Some(value) = value {
                 str_member(out, name, value)?;
@@ -456,6 +457,7 @@ mod tests {
             product: None,
             user: None,
             error: None,
+            upstream_error_cause: None,
             upstream_status: None,
             upstream_request_id: None,
             user_agent: Some("curl/8"),
@@ -471,6 +473,7 @@ mod tests {
                 product: Some("demo"),
                 user: Some("alice"),
                 error: Some("upstream_aborted"),
+                upstream_error_cause: None,
                 upstream_status: Some(200),
                 upstream_request_id: Some("upstream-req-42"),
                 user_agent: Some("ua \"q\" \\ \u{1}\t日本"),
@@ -546,6 +549,23 @@ mod tests {
             };
             assert_eq!(request_line(&unlinked, fields), untraced);
         }
+    }
+
+    #[test]
+    fn the_upstream_error_cause_follows_the_error_code() {
+        let fields = RequestFields {
+            status: 502,
+            error: Some("upstream_unreachable"),
+            upstream_error_cause: Some("tls"),
+            user_agent: None,
+            trace: None,
+            ..request_fields()[4]
+        };
+        let line = request_line(&RequestLines::new(None), &fields);
+        assert!(
+            line.contains(r#","error":"upstream_unreachable","upstream_error_cause":"tls","httpRequest":"#),
+            "{line}"
+        );
     }
 
     /// Collects what a subscriber writes.

@@ -6,11 +6,18 @@
 //! wait for the connection to be ready again. Here a checkout is a pop under a mutex held
 //! for a few instructions, and no task is spawned per request (one per connection).
 //!
+//! New connections are bounded ([`Limits`]): at most 1024 open and 256 being established
+//! (TCP and TLS handshakes) at once, so that a burst or a slow upstream cannot make the
+//! instance open sockets without end. A request that finds no room waits, within its
+//! `UPSTREAM_TIMEOUT_SECONDS` deadline, for room or for a connection given back to the
+//! pool, whichever comes first; when the deadline passes while it waits, it fails with
+//! [`Cause::PoolWait`] (502 `upstream_timeout`).
+//!
 //! It must never hold the lock across an `.await`, pool a connection whose response was
 //! not read to its end, or send a request again that may have reached the upstream.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -23,10 +30,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::UpstreamError;
+use super::cause::{Cause, Resolver};
 
 /// Idle connections kept at most; beyond, the longest idle one is closed.
 const MAX_IDLE: usize = 1024;
@@ -40,14 +48,53 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// The bounds on a pool's connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Connections open at most, idle or in use (each one a socket, and a task).
+    pub(crate) open: usize,
+    /// Connections being established at most (TCP and TLS handshakes in flight): a burst
+    /// of new requests opens connections at the pace the upstream accepts them rather
+    /// than all at once.
+    pub(crate) connecting: usize,
+}
+
+impl Limits {
+    /// 1024 open, as many as the pool keeps idle; 256 handshakes at once.
+    pub(crate) const DEFAULT: Self = Self {
+        open: 1024,
+        connecting: 256,
+    };
+}
+
 /// Connects to one upstream and keeps its idle connections.
 pub(crate) struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<HttpConnector<Resolver>>,
     /// The upstream URL: the connector takes its scheme, host and port.
     destination: Uri,
     /// Oldest at the front, most recently returned at the back: checkouts take the back
     /// (the connection most likely still alive), expiry and overflow trim the front.
     idle: Mutex<VecDeque<Idle>>,
+    /// One permit per open connection, held by its task until the connection closes.
+    open: Arc<Semaphore>,
+    /// One permit per connection being established.
+    connecting: Semaphore,
+    /// Told when a connection is given back, so that a request waiting for room takes it.
+    returned: Notify,
+}
+
+/// What a request waiting for room to connect got first.
+enum Room<'a> {
+    /// Room for one more connection: its open permit and its connecting permit.
+    Connect(OwnedSemaphorePermit, SemaphorePermit<'a>),
+    /// A connection given back to the pool meanwhile, ready for a request.
+    Returned(Sender),
+}
+
+/// What [`Pool::wait`] got first.
+enum Waited<P> {
+    Permit(P),
+    Returned(Sender),
 }
 
 struct Idle {
@@ -57,7 +104,11 @@ struct Idle {
 
 impl Pool {
     pub(crate) fn new(destination: Uri) -> Arc<Self> {
-        let mut http = HttpConnector::new();
+        Self::with_limits(destination, Limits::DEFAULT)
+    }
+
+    pub(crate) fn with_limits(destination: Uri, limits: Limits) -> Arc<Self> {
+        let mut http = HttpConnector::new_with_resolver(Resolver::new());
         // The TLS layer wraps this connector, so it must accept `https` URIs too.
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -73,17 +124,38 @@ impl Pool {
             connector,
             destination,
             idle: Mutex::new(VecDeque::new()),
+            open: Arc::new(Semaphore::new(limits.open)),
+            connecting: Semaphore::new(limits.connecting),
+            returned: Notify::new(),
         })
     }
 
     /// Sends `request` (its target in origin-form, its `Host` set) on an idle connection,
-    /// else on a new one. The response's body gives the connection back when it ends.
+    /// else on a new one, and waits for the response's headers for at most `timeout`
+    /// (connecting, and waiting for room to connect, included). The response's body gives
+    /// the connection back when it ends.
     ///
     /// Dropping the future closes the connection in use, which cancels the request.
     pub(crate) async fn send(
         self: &Arc<Self>,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<PooledBody>, Cause> {
+        // Set while the request waits for room to connect: what the deadline cut short.
+        let mut waiting = false;
+        let result = tokio::time::timeout(timeout, self.exchange(request, &mut waiting)).await;
+        match result {
+            Ok(result) => result,
+            Err(_) if waiting => Err(Cause::PoolWait),
+            Err(_) => Err(Cause::Timeout),
+        }
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
         mut request: Request<Full<Bytes>>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+        waiting: &mut bool,
+    ) -> Result<Response<PooledBody>, Cause> {
         if let Some(mut sender) = self.checkout().await {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.lend(response, sender)),
@@ -91,18 +163,67 @@ impl Pool {
                 // upstream closed this idle connection just before we used it. Send it
                 // once more on a new connection, as hyper-util's client did. Without the
                 // request (it may have reached the upstream) there is no second try.
-                Err(mut error) => request = error.take_message().ok_or(UpstreamError::Unreachable)?,
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(Cause::of(error.error())),
+                },
             }
         }
-        // Boxed: the connect future (TCP and TLS handshakes) is large, and keeping it out of
-        // this future keeps every request's future small (it is moved, by value, into the
-        // box hyper's server keeps it in).
-        let mut sender = Box::pin(self.connect()).await?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|_| UpstreamError::Unreachable)?;
+        // Boxed: waiting for room and the connect future (TCP and TLS handshakes) are
+        // large, and keeping them out of this future keeps every request's future small
+        // (it is moved, by value, into the box hyper's server keeps it in).
+        let mut sender = match Box::pin(self.room(waiting)).await {
+            Room::Connect(open, connecting) => Box::pin(self.connect(open, connecting)).await?,
+            Room::Returned(sender) => sender,
+        };
+        let response = sender.send_request(request).await.map_err(|e| Cause::of(&e))?;
         Ok(self.lend(response, sender))
+    }
+
+    /// Room for a new connection, at once when there is some; else waits for it, or for a
+    /// connection given back meanwhile, with `waiting` set.
+    async fn room(&self, waiting: &mut bool) -> Room<'_> {
+        let open = match Arc::clone(&self.open).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match self.wait(Arc::clone(&self.open).acquire_owned(), waiting).await {
+                Waited::Permit(permit) => permit,
+                Waited::Returned(sender) => return Room::Returned(sender),
+            },
+        };
+        let connecting = match self.connecting.try_acquire() {
+            Ok(permit) => permit,
+            // A connection given back makes `open` go back too (dropped here).
+            Err(_) => match self.wait(self.connecting.acquire(), waiting).await {
+                Waited::Permit(permit) => permit,
+                Waited::Returned(sender) => return Room::Returned(sender),
+            },
+        };
+        Room::Connect(open, connecting)
+    }
+
+    /// Waits for `permit`, or for a connection given back to the pool, whichever first,
+    /// with `waiting` set meanwhile.
+    async fn wait<P>(&self, permit: impl Future<Output = Result<P, AcquireError>>, waiting: &mut bool) -> Waited<P> {
+        *waiting = true;
+        let mut permit = pin!(permit);
+        let waited = loop {
+            // Registered before the pool is looked at, so that a connection given back
+            // in between still wakes this request.
+            let mut returned = pin!(self.returned.notified());
+            returned.as_mut().enable();
+            if let Some(sender) = self.checkout().await {
+                break Waited::Returned(sender);
+            }
+            tokio::select! {
+                biased;
+                permit = &mut permit => {
+                    break Waited::Permit(permit.expect("the pool never closes its semaphores"));
+                }
+                () = returned => {}
+            }
+        };
+        *waiting = false;
+        waited
     }
 
     /// The most recently returned connection that is still open, ready for a request.
@@ -156,22 +277,28 @@ impl Pool {
         idle.push_back(Idle { sender, since: now });
         drop(idle);
         drop(evicted);
+        // One atomic operation when nobody waits.
+        self.returned.notify_one();
     }
 
-    /// A new connection: TCP (and TLS for `https`), then an HTTP/1.1 connection task.
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    /// A new connection: TCP (and TLS for `https`), then an HTTP/1.1 connection task,
+    /// which holds `open` for as long as the connection lives. `connecting` is given back
+    /// once the handshakes are over.
+    async fn connect(&self, open: OwnedSemaphorePermit, connecting: SemaphorePermit<'_>) -> Result<Sender, Cause> {
         let stream = self
             .connector
             .clone()
             .oneshot(self.destination.clone())
             .await
-            .map_err(|_| UpstreamError::Unreachable)?;
-        let (sender, connection) = http1::handshake(stream).await.map_err(|_| UpstreamError::Unreachable)?;
+            .map_err(|e| Cause::of_connect(&*e))?;
+        let (sender, connection) = http1::handshake(stream).await.map_err(|e| Cause::of(&e))?;
+        drop(connecting);
         // The task drives the socket for every request the sender carries, and ends when
         // the socket closes or the sender is dropped. Its error, if any, also reaches the
         // request or body in flight, which report it.
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(open);
         });
         Ok(sender)
     }
@@ -258,6 +385,9 @@ mod tests {
 
     use super::*;
 
+    /// The deadline of the tests' requests that are not about deadlines.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
     /// An upstream on loopback: `/full` answers `hello` (content-length), `/empty` an
     /// empty body, `/stream` a chunked body fed by the returned channel (once).
     struct Upstream {
@@ -331,7 +461,7 @@ mod tests {
         let (upstream, _) = upstream().await;
         let pool = upstream.pool();
         for _ in 0..5 {
-            let response = pool.send(upstream.request("/full")).await.unwrap();
+            let response = pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
             assert_eq!(pool.idle_count(), 0, "lent while its body is unread");
             // Read as hyper's server does: no poll after `is_end_stream`.
             let mut body = response.into_body();
@@ -350,7 +480,7 @@ mod tests {
     async fn an_empty_body_returns_the_connection_at_once() {
         let (upstream, _) = upstream().await;
         let pool = upstream.pool();
-        let response = pool.send(upstream.request("/empty")).await.unwrap();
+        let response = pool.send(upstream.request("/empty"), DEADLINE).await.unwrap();
         assert!(response.body().is_end_stream());
         assert_eq!(pool.idle_count(), 1);
     }
@@ -359,7 +489,11 @@ mod tests {
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let mut body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let mut body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         let frame = body.frame().await.unwrap().unwrap();
@@ -370,7 +504,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), feed.closed())
             .await
             .expect("the upstream's body is dropped");
-        pool.send(upstream.request("/full")).await.unwrap();
+        pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
         assert_eq!(upstream.connections(), 2);
     }
 
@@ -378,7 +512,11 @@ mod tests {
     async fn a_body_that_fails_does_not_return_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         feed.send(Err(std::io::Error::other("broken"))).await.unwrap();
@@ -390,7 +528,11 @@ mod tests {
     async fn a_stream_read_to_its_end_returns_its_connection() {
         let (upstream, feed) = upstream().await;
         let pool = upstream.pool();
-        let body = pool.send(upstream.request("/stream")).await.unwrap().into_body();
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
         let feed = feed.await.unwrap();
         feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
         drop(feed);
@@ -413,7 +555,7 @@ mod tests {
             sender: closed,
             since: Instant::now(),
         });
-        let response = pool.send(upstream.request("/full")).await.unwrap();
+        let response = pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
         assert_eq!(upstream.connections(), 1);
         assert_eq!(pool.idle_count(), 1);
@@ -440,7 +582,7 @@ mod tests {
         pool.put(sender);
         close.send(()).unwrap();
 
-        let response = pool.send(upstream.request("/full")).await.unwrap();
+        let response = pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
         assert_eq!(upstream.connections(), 2, "sent again on a new connection");
         assert_eq!(
@@ -503,10 +645,10 @@ mod tests {
         .await;
         let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
         let request = || raw_post(addr, Bytes::from_static(b"{}"));
-        let response = pool.send(request()).await.unwrap();
+        let response = pool.send(request(), DEADLINE).await.unwrap();
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         assert_eq!(pool.idle_count(), 1);
-        assert_eq!(pool.send(request()).await.err(), Some(UpstreamError::Unreachable));
+        assert_eq!(pool.send(request(), DEADLINE).await.err(), Some(Cause::Closed));
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
@@ -536,14 +678,14 @@ mod tests {
         .await;
         let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
         let big = Bytes::from(vec![b' '; 64 * 1024 * 1024]);
-        let response = pool.send(raw_post(addr, big)).await.unwrap();
+        let response = pool.send(raw_post(addr, big), DEADLINE).await.unwrap();
         assert!(response.into_body().collect().await.unwrap().to_bytes().is_empty());
         assert_eq!(pool.idle_count(), 1, "the empty body gave its connection back");
 
         let started = Instant::now();
         let second = tokio::time::timeout(
             Duration::from_secs(10),
-            pool.send(raw_post(addr, Bytes::from_static(b"{}"))),
+            pool.send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE),
         )
         .await
         .expect("a stuck connection must not hold the request for long");
@@ -556,7 +698,7 @@ mod tests {
     async fn connections_idle_longer_than_90_s_are_closed_not_used() {
         let (upstream, _) = upstream().await;
         let pool = upstream.pool();
-        let response = pool.send(upstream.request("/full")).await.unwrap();
+        let response = pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
         response.into_body().collect().await.unwrap();
         let aged = Instant::now()
             .checked_sub(IDLE_TIMEOUT + Duration::from_secs(1))
@@ -564,7 +706,7 @@ mod tests {
         pool.idle.lock().unwrap().back_mut().unwrap().since = aged;
         assert!(pool.pop().is_none());
         assert_eq!(pool.idle_count(), 0);
-        let response = pool.send(upstream.request("/full")).await.unwrap();
+        let response = pool.send(upstream.request("/full"), DEADLINE).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(upstream.connections(), 2);
     }
@@ -583,5 +725,137 @@ mod tests {
             pool.put(sender);
         }
         assert_eq!(pool.idle_count(), MAX_IDLE);
+    }
+
+    /// A pool of `upstream` with room for `open` connections, `connecting` at once.
+    fn bounded(addr: SocketAddr, scheme: &str, open: usize, connecting: usize) -> Arc<Pool> {
+        let destination = format!("{scheme}://{addr}/").parse().unwrap();
+        Pool::with_limits(destination, Limits { open, connecting })
+    }
+
+    #[tokio::test]
+    async fn a_request_without_room_waits_and_takes_the_connection_given_back() {
+        let (upstream, feed) = upstream().await;
+        let pool = bounded(upstream.addr, "http", 1, 1);
+        let body = pool
+            .send(upstream.request("/stream"), DEADLINE)
+            .await
+            .unwrap()
+            .into_body();
+        let feed = feed.await.unwrap();
+
+        // Polled once: it finds no idle connection and no room for a new one. Unbounded,
+        // it would be connecting by now.
+        let mut second = pin!(pool.send(upstream.request("/full"), DEADLINE));
+        assert!(futures_util::FutureExt::now_or_never(&mut second).is_none());
+        // The first response ends: its connection goes back, and the waiter takes it.
+        feed.send(Ok(Bytes::from_static(b"one"))).await.unwrap();
+        drop(feed);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "one");
+        let response = second.await.unwrap();
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(upstream.connections(), 1, "never more than the bound");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_finds_no_room_before_its_deadline_fails_with_pool_wait() {
+        let (upstream, _feed) = upstream().await;
+        let pool = bounded(upstream.addr, "http", 1, 1);
+        let _held = pool.send(upstream.request("/stream"), DEADLINE).await.unwrap();
+        let second = pool.send(upstream.request("/full"), Duration::from_millis(100)).await;
+        assert_eq!(second.err(), Some(Cause::PoolWait));
+        assert_eq!(
+            Cause::PoolWait.error(),
+            crate::upstream::UpstreamError::Timeout,
+            "502 upstream_timeout"
+        );
+        assert_eq!(upstream.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_being_established_are_bounded_too() {
+        // An upstream that accepts TCP and then says nothing: a TLS handshake with it
+        // stays in flight, holding its connecting permit.
+        let (accepted_tx, mut accepted_rx) = mpsc::unbounded_channel();
+        let (addr, accepted) = raw_upstream(move |socket| {
+            let accepted_tx = accepted_tx.clone();
+            async move {
+                let _ = accepted_tx.send(());
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(socket);
+            }
+        })
+        .await;
+        let pool = bounded(addr, "https", 8, 1);
+        let first = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move {
+                pool.send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+                    .await
+                    .err()
+            }
+        });
+        accepted_rx.recv().await.unwrap();
+        let second = pool
+            .send(raw_post(addr, Bytes::from_static(b"{}")), Duration::from_millis(100))
+            .await;
+        assert_eq!(second.err(), Some(Cause::PoolWait));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one handshake at a time");
+        first.abort();
+    }
+
+    #[tokio::test]
+    async fn a_deadline_that_passes_while_connecting_is_a_timeout() {
+        let (addr, _) = raw_upstream(|socket| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        })
+        .await;
+        let pool = bounded(addr, "https", 8, 8);
+        let result = pool
+            .send(raw_post(addr, Bytes::from_static(b"{}")), Duration::from_millis(100))
+            .await;
+        assert_eq!(result.err(), Some(Cause::Timeout));
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_gives_its_room_back() {
+        // Every answer closes its connection.
+        let (addr, accepted) = raw_upstream(|mut socket| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut request = Vec::new();
+            while !request.ends_with(b"{}") {
+                let mut chunk = [0; 1024];
+                match socket.read(&mut chunk).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let reply = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok";
+            let _ = socket.write_all(reply).await;
+        })
+        .await;
+        let pool = bounded(addr, "http", 1, 1);
+        for _ in 0..3 {
+            let response = pool
+                .send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+                .await
+                .unwrap();
+            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_host_name_that_does_not_resolve_is_a_dns_failure() {
+        // A label longer than DNS allows (63 bytes): the system's resolver refuses the
+        // name itself, without asking a server.
+        let host = format!("{}.invalid", "a".repeat(64));
+        let pool = Pool::new(format!("http://{host}/").parse().unwrap());
+        let request = Request::post("/")
+            .header(header::HOST, host)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        assert_eq!(pool.send(request, DEADLINE).await.err(), Some(Cause::Dns));
     }
 }
