@@ -55,7 +55,7 @@ fn bash_syntax_error(script: &str) -> Option<String> {
     (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// The docs' shell snippets: ```bash, ```sh and ```console blocks (a console block's
+/// The docs' shell snippets: their `bash`, `sh` and `console` blocks (a console block's
 /// commands are its `$ ` lines and their continuations).
 fn shell_snippets(markdown: &str) -> Vec<String> {
     let mut snippets = code_blocks(markdown, &["bash", "sh"]);
@@ -88,7 +88,10 @@ fn every_shell_snippet_in_the_docs_is_valid_bash() {
             checked += 1;
         }
     }
-    assert!(checked >= 20, "only {checked} snippets found: the block parser is broken");
+    assert!(
+        checked >= 20,
+        "only {checked} snippets found: the block parser is broken"
+    );
 }
 
 #[test]
@@ -96,7 +99,10 @@ fn the_syntax_check_finds_a_broken_snippet() {
     let broken = "```sh\nfor s in a b; do\n  echo $s\n```\n";
     let snippets = shell_snippets(broken);
     assert_eq!(snippets.len(), 1);
-    assert!(bash_syntax_error(&snippets[0]).is_some(), "an unclosed loop must fail bash -n");
+    assert!(
+        bash_syntax_error(&snippets[0]).is_some(),
+        "an unclosed loop must fail bash -n"
+    );
     let console = "```console\n$ echo a \\\n  b\noutput line ((\n$ if true\n```\n";
     let snippets = shell_snippets(console);
     assert_eq!(snippets, ["echo a \\\n  b\nif true\n"]);
@@ -302,7 +308,10 @@ fn service_yaml_renders_as_the_docs_say_with_and_without_redis() {
             text.lines()
                 .any(|l| !l.trim_start().starts_with('#') && l.contains(what))
         };
-        assert!(!active(&rendered, "network-interfaces"), "{doc}: no VPC egress without Redis");
+        assert!(
+            !active(&rendered, "network-interfaces"),
+            "{doc}: no VPC egress without Redis"
+        );
 
         let (rendered, calls) = run_render(&with_redis(&block), &template);
         let names = check_rendered(&rendered, &calls, &created).unwrap_or_else(|e| panic!("{doc}, Redis: {e}"));
@@ -412,7 +421,7 @@ fn substitutions(build: &Value, overrides: &[(&str, &str)]) -> BTreeMap<String, 
         .expect("substitutions")
         .iter()
         .map(|(k, v)| {
-            let value = v.as_str().map(str::to_owned).unwrap_or_else(|| format!("{v:?}"));
+            let value = v.as_str().map_or_else(|| format!("{v:?}"), str::to_owned);
             (k.as_str().expect("key").to_owned(), value)
         })
         .collect();
@@ -512,7 +521,11 @@ fn deploy_references(argv: &[String]) -> (Vec<(String, String)>, Vec<String>) {
 }
 
 /// All checks on the deploy step for one combination of options; the first problem.
-fn check_deploy(script: &str, values: &BTreeMap<String, String>, created: &BTreeSet<String>) -> Result<Vec<String>, String> {
+fn check_deploy(
+    script: &str,
+    values: &BTreeMap<String, String>,
+    created: &BTreeSet<String>,
+) -> Result<Vec<String>, String> {
     let calls = run_deploy(script, values)?;
     let [argv] = calls.as_slice() else {
         return Err(format!("expected one gcloud call, got {calls:?}"));
@@ -563,7 +576,10 @@ fn the_cloud_build_deploy_step_passes_per_container_flags_after_their_container(
                 .unwrap_or_else(|e| panic!("_REDIS={redis} _METRICS={metrics}: {e}"));
             let joined = argv.join(" ");
             assert!(joined.contains("--max-instances=10"), "{joined}");
-            assert!(joined.contains("API_KEY_SERVER_PRODUCT_KEYS=api-key-server-product-keys:3"), "{joined}");
+            assert!(
+                joined.contains("API_KEY_SERVER_PRODUCT_KEYS=api-key-server-product-keys:3"),
+                "{joined}"
+            );
             assert_eq!(joined.contains("REDIS_URL"), redis == "true", "{joined}");
             assert_eq!(joined.contains("--network="), redis == "true", "{joined}");
             assert_eq!(joined.contains("--container=collector"), metrics == "true", "{joined}");
@@ -571,7 +587,11 @@ fn the_cloud_build_deploy_step_passes_per_container_flags_after_their_container(
     }
     // The cloud build file records the pushed image.
     let images = build["images"].as_sequence().expect("images:");
-    assert!(images.iter().any(|i| i.as_str().is_some_and(|i| i.ends_with(":$COMMIT_SHA"))));
+    assert!(
+        images
+            .iter()
+            .any(|i| i.as_str().is_some_and(|i| i.ends_with(":$COMMIT_SHA")))
+    );
 }
 
 #[test]
@@ -628,5 +648,9 @@ fn the_artifact_registry_cleanup_policy_is_json_and_keeps_the_build_cache() {
             .iter()
             .any(|p| p["action"]["type"] == "Keep" && p["condition"]["tagPrefixes"][0] == "build-cache")
     );
-    assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/artifact-cleanup.json").exists());
+    assert!(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/artifact-cleanup.json")
+            .exists()
+    );
 }
