@@ -2,8 +2,8 @@
 #
 # api-key-server on Cloud Run: a two-stage build.
 #
-# The builder is Debian 12 (bookworm), the same glibc as the runtime image
-# (distroless/cc-debian12): a binary linked against a newer glibc would not start there.
+# The builder is Debian 13 (trixie), the same glibc as the runtime image
+# (distroless/cc-debian13): a binary linked against a newer glibc would not start there.
 # The runtime image holds the binary, glibc, libgcc and the CA certificates, nothing
 # else: no shell, no package manager, and it runs as the unprivileged `nonroot` user
 # (uid 65532). Keys arrive as environment variables from Secret Manager at deploy time;
@@ -11,7 +11,7 @@
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-bookworm AS build
+FROM rust:${RUST_VERSION}-trixie AS build
 WORKDIR /src
 
 # Dependencies first, in their own layer: it is rebuilt only when Cargo.toml or
@@ -39,8 +39,9 @@ COPY src ./src
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && install -m 0755 target/release/api-key-server /api-key-server
+# (The release profile strips symbols: `strip = true` in Cargo.toml.)
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian13:nonroot
 
 COPY --from=build /api-key-server /usr/local/bin/api-key-server
 

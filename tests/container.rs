@@ -75,11 +75,11 @@ fn the_runtime_image_is_distroless_nonroot_with_only_the_binary_and_no_shell() {
     let all = instructions(&dockerfile);
     let builder = all.iter().find(|i| i.starts_with("FROM ")).expect("a builder stage");
     assert!(
-        builder.contains("bookworm"),
-        "the builder must share the runtime's Debian 12 glibc: {builder}"
+        builder.contains("trixie"),
+        "the builder must share the runtime's Debian 13 glibc: {builder}"
     );
     let stage = runtime_stage(&dockerfile);
-    assert_eq!(stage[0], "FROM gcr.io/distroless/cc-debian12:nonroot");
+    assert_eq!(stage[0], "FROM gcr.io/distroless/cc-debian13:nonroot");
     assert!(
         stage
             .iter()
