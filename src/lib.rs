@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod error;
 pub mod limit;
@@ -26,4 +27,5 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 pub mod validate;
