@@ -18,6 +18,7 @@ pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cli;
+pub mod day;
 pub mod error;
 pub mod limit;
 pub mod metrics;
