@@ -7,7 +7,10 @@
 //! copies the bytes it forwards (chat events are handed back as slices of the input).
 //! They never decide what a request costs: that is [`crate::budget`]'s job.
 
+pub mod chat_sse;
 pub mod json;
+pub mod responses_sse;
+mod sse;
 
 /// Token usage as the upstream reported it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
