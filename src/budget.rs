@@ -10,6 +10,7 @@
 
 pub mod memory;
 pub mod price;
+pub mod redis;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,242 @@
+//! Budgets in Redis against a real `redis-server`: exact under concurrency from two
+//! instances, every step repeatable on the reservation id, expiry charged, keys under the
+//! scope's hash tag with the contract's lifetime, amounts beyond a double's exact range.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api_key_server::budget::redis::RedisBudgets;
+use api_key_server::budget::{Decision, Nanos, ReservationIds, Scope, Settlement, Spend};
+use api_key_server::day::{Day, DayZone};
+use api_key_server::server::install_crypto_provider;
+use api_key_server::settings::{RedisSettings, Secret};
+use api_key_server::store::Store;
+use common::redis::{RedisCluster, RedisServer};
+
+const NOW: i64 = 1_796_601_600; // 2026-12-07T00:00:00Z
+const TTL: Duration = Duration::from_secs(3600);
+
+fn budgets(url: &str, cluster: bool) -> RedisBudgets {
+    let store = Store::start(&RedisSettings {
+        url: Secret::new(url.to_owned()),
+        cluster,
+        ca_cert: None,
+        prefix: "bt".to_owned(),
+        timeout: Duration::from_secs(2),
+    });
+    RedisBudgets::new(Arc::new(store), TTL)
+}
+
+fn user(name: &str) -> Scope {
+    Scope::User {
+        product: "demo".to_owned(),
+        user: name.to_owned(),
+    }
+}
+
+fn today() -> Day {
+    DayZone::utc().day_at(NOW)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_reserving_concurrently_never_pass_the_budget() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let instances = [Arc::new(budgets(&redis.url(), false)), Arc::new(budgets(&redis.url(), false))];
+    let ids = [
+        Arc::new(ReservationIds::with_instance("a")),
+        Arc::new(ReservationIds::with_instance("b")),
+    ];
+    let scope = user("alice");
+    let budget = Nanos(1_000);
+    let tasks: Vec<_> = (0..200)
+        .map(|n| {
+            let (budgets, ids, scope) = (instances[n % 2].clone(), ids[n % 2].clone(), scope.clone());
+            tokio::spawn(async move {
+                budgets
+                    .reserve(&scope, budget, &ids.next(), Nanos(7), &today(), NOW)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        if task.await.unwrap().is_admitted() {
+            admitted += 1;
+        }
+    }
+    // 142 × 7 = 994 <= 1000 < 143 × 7: exactly as many as fit, whatever the interleaving.
+    assert_eq!(admitted, 142);
+    assert_eq!(
+        instances[0].spend(&scope, &today(), NOW).await,
+        Some(Spend {
+            spent: Nanos(0),
+            open: Nanos(994)
+        })
+    );
+}
+
+#[tokio::test]
+async fn reserve_and_settle_repeat_without_counting_twice() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let budgets = budgets(&redis.url(), false);
+    let ids = ReservationIds::with_instance("i");
+    let (scope, day) = (user("bob"), today());
+    let id = ids.next();
+    let first = budgets.reserve(&scope, Nanos(100), &id, Nanos(40), &day, NOW).await;
+    assert_eq!(first, Some(Decision::Admitted { remaining_before: Nanos(100) }));
+    // A repeat (say, after a timeout that hid a success) answers the same, adds nothing.
+    assert_eq!(budgets.reserve(&scope, Nanos(100), &id, Nanos(40), &day, NOW).await, first);
+    assert_eq!(
+        budgets.spend(&scope, &day, NOW).await,
+        Some(Spend { spent: Nanos(0), open: Nanos(40) })
+    );
+    assert_eq!(
+        budgets.reserve(&scope, Nanos(100), &ids.next(), Nanos(61), &day, NOW).await,
+        Some(Decision::Refused { remaining: Nanos(60) })
+    );
+    assert_eq!(
+        budgets.settle(&scope, &id, Nanos(15), &day, NOW).await,
+        Some(Settlement::Settled)
+    );
+    assert_eq!(
+        budgets.settle(&scope, &id, Nanos(15), &day, NOW).await,
+        Some(Settlement::Unknown)
+    );
+    assert_eq!(
+        budgets.settle(&scope, &id, Nanos(99), &day, NOW + 1).await,
+        Some(Settlement::Unknown)
+    );
+    // Repeated after its settlement, the reservation still counts nothing.
+    assert!(budgets.reserve(&scope, Nanos(100), &id, Nanos(40), &day, NOW).await.unwrap().is_admitted());
+    assert_eq!(
+        budgets.spend(&scope, &day, NOW).await,
+        Some(Spend { spent: Nanos(15), open: Nanos(0) })
+    );
+    // Settling an id never reserved does nothing.
+    assert_eq!(
+        budgets.settle(&scope, &ids.next(), Nanos(5), &day, NOW).await,
+        Some(Settlement::Unknown)
+    );
+    assert_eq!(budgets.spend(&scope, &day, NOW).await.unwrap().spent, Nanos(15));
+}
+
+#[tokio::test]
+async fn an_unsettled_reservation_is_charged_after_the_window_and_a_late_settlement_replaces_it() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    // The instance that reserved is gone; another one finds the reservation expired.
+    let gone = budgets(&redis.url(), false);
+    let other = budgets(&redis.url(), false);
+    let (scope, day) = (user("carol"), today());
+    let id = ReservationIds::with_instance("gone").next();
+    gone.reserve(&scope, Nanos(100), &id, Nanos(30), &day, NOW).await.unwrap();
+    drop(gone);
+    assert_eq!(
+        other.spend(&scope, &day, NOW + 3599).await,
+        Some(Spend { spent: Nanos(0), open: Nanos(30) })
+    );
+    assert_eq!(
+        other.spend(&scope, &day, NOW + 3600).await,
+        Some(Spend { spent: Nanos(30), open: Nanos(0) })
+    );
+    assert_eq!(other.expired_charged(), 1);
+    // Charged once: later looks charge nothing more.
+    assert_eq!(other.spend(&scope, &day, NOW + 4000).await.unwrap().spent, Nanos(30));
+    // The stream outlived the window and ends now: its actual cost replaces the charge.
+    assert_eq!(
+        other.settle(&scope, &id, Nanos(8), &day, NOW + 4000).await,
+        Some(Settlement::ReplacedCharge)
+    );
+    assert_eq!(
+        other.spend(&scope, &day, NOW + 4000).await,
+        Some(Spend { spent: Nanos(8), open: Nanos(0) })
+    );
+    assert_eq!(
+        other.settle(&scope, &id, Nanos(8), &day, NOW + 4001).await,
+        Some(Settlement::Unknown)
+    );
+}
+
+#[tokio::test]
+async fn keys_sit_under_the_scope_hash_tag_and_outlive_the_day_by_the_window_plus_an_hour() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let budgets = budgets(&redis.url(), false);
+    let zone = DayZone::new("Asia/Tokyo").unwrap();
+    let day = zone.day_at(NOW);
+    let id = ReservationIds::with_instance("k").next();
+    budgets
+        .reserve(&Scope::Product("demo".to_owned()), Nanos(10), &id, Nanos(1), &day, NOW)
+        .await
+        .unwrap();
+    let mut keys = redis.keys();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bt:{p:x64656d6f}:budget:2026-12-07".to_owned(),
+            "bt:{p:x64656d6f}:budget:2026-12-07:due".to_owned()
+        ]
+    );
+    let expected = (day.end + 3600 + 3600).to_string();
+    for key in &keys {
+        assert_eq!(redis.cli(&["EXPIRETIME", key]), expected, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn amounts_beyond_a_doubles_exact_range_are_compared_exactly() {
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let budgets = budgets(&redis.url(), false);
+    let ids = ReservationIds::with_instance("big");
+    let (scope, day) = (Scope::Client("desk".to_owned()), today());
+    // 2^53 + 1 is the first integer a double cannot hold; the budget is 1e18 nanos.
+    let budget = Nanos(1_000_000_000_000_000_000);
+    let big = Nanos((1 << 53) + 1);
+    let first = ids.next();
+    assert!(budgets.reserve(&scope, budget, &first, big, &day, NOW).await.unwrap().is_admitted());
+    let rest = Nanos(budget.0 - big.0);
+    // One nano more than what is left is refused; exactly what is left is admitted.
+    assert_eq!(
+        budgets.reserve(&scope, budget, &ids.next(), Nanos(rest.0 + 1), &day, NOW).await,
+        Some(Decision::Refused { remaining: rest })
+    );
+    assert_eq!(
+        budgets.reserve(&scope, budget, &ids.next(), rest, &day, NOW).await,
+        Some(Decision::Admitted { remaining_before: rest })
+    );
+    budgets.settle(&scope, &first, Nanos(1), &day, NOW).await.unwrap();
+    assert_eq!(
+        budgets.spend(&scope, &day, NOW).await,
+        Some(Spend { spent: Nanos(1), open: rest })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_work_on_redis_cluster() {
+    install_crypto_provider();
+    let cluster = RedisCluster::start();
+    let budgets = budgets(&cluster.url(), true);
+    let ids = ReservationIds::with_instance("c");
+    let day = today();
+    // Scopes spread over the cluster's slots; each call's two keys share one slot.
+    for n in 0..20 {
+        let scope = user(&format!("user-{n}"));
+        let id = ids.next();
+        assert!(budgets.reserve(&scope, Nanos(10), &id, Nanos(10), &day, NOW).await.unwrap().is_admitted());
+        assert!(!budgets.reserve(&scope, Nanos(10), &ids.next(), Nanos(1), &day, NOW).await.unwrap().is_admitted());
+        assert_eq!(budgets.settle(&scope, &id, Nanos(4), &day, NOW).await, Some(Settlement::Settled));
+        assert_eq!(
+            budgets.spend(&scope, &day, NOW).await,
+            Some(Spend { spent: Nanos(4), open: Nanos(0) })
+        );
+    }
+    assert_eq!(cluster.keys().len(), 40);
+}
