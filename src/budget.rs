@@ -9,6 +9,7 @@
 //! whenever their scope is touched.
 
 pub mod memory;
+pub mod outage;
 pub mod price;
 pub mod redis;
 

@@ -240,3 +240,34 @@ async fn budgets_work_on_redis_cluster() {
     }
     assert_eq!(cluster.keys().len(), 40);
 }
+
+#[tokio::test]
+async fn spend_made_during_an_outage_is_added_once_even_when_the_replay_repeats() {
+    use api_key_server::budget::outage::{Outage, Share};
+
+    install_crypto_provider();
+    let redis = RedisServer::start();
+    let budgets = budgets(&redis.url(), false);
+    let ids = ReservationIds::with_instance("o");
+    let (scope, day) = (user("dave"), today());
+    let before = ids.next();
+    let decision = budgets.reserve(&scope, Nanos(1000), &before, Nanos(100), &day, NOW).await.unwrap();
+    let mut outage = Outage::new(Share::parse("0.1").unwrap(), 3600);
+    outage.note_read(&scope, &day, decision.remaining().saturating_sub(Nanos(100)), NOW);
+    // Redis is away: this instance admits up to 10% of the 900 left (90).
+    let during = ids.next();
+    assert!(outage.reserve(&scope, Nanos(1000), &during, Nanos(90), &day, NOW + 5).is_admitted());
+    assert!(!outage.reserve(&scope, Nanos(1000), &ids.next(), Nanos(1), &day, NOW + 5).is_admitted());
+    assert!(outage.settle(&during, Nanos(60)));
+    // Back: the replay is written, and written again (as after a timeout), counting once.
+    outage.redis_back();
+    let replays = outage.take_replays(NOW + 10);
+    assert_eq!(replays.len(), 1);
+    for _ in 0..2 {
+        budgets.replay(&replays[0], NOW + 10).await.unwrap();
+    }
+    assert_eq!(
+        budgets.spend(&scope, &day, NOW + 10).await,
+        Some(Spend { spent: Nanos(60), open: Nanos(100) })
+    );
+}

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::outage::Replay;
 use super::{Decision, Nanos, ReservationId, Scope, Settlement, Spend};
 use crate::day::Day;
 use crate::store::Store;
@@ -127,6 +128,18 @@ impl RedisBudgets {
             2 => Settlement::ReplacedCharge,
             _ => Settlement::Unknown,
         })
+    }
+
+    /// Writes spend made during an outage ([`super::outage::Replay`]) to Redis: a
+    /// reservation with no budget limit, then its settlement, on the same id, so a replay
+    /// cut halfway can be made again without counting twice. `None`: Redis unavailable
+    /// (give the replay back and try later).
+    pub async fn replay(&self, replay: &Replay, now: i64) -> Option<()> {
+        self.reserve(&replay.scope, Nanos::MAX, &replay.id, replay.reserved, &replay.day, now)
+            .await?;
+        self.settle(&replay.scope, &replay.id, replay.cost, &replay.day, now)
+            .await?;
+        Some(())
     }
 
     /// The scope's spend and open reservations on `day` (expired ones charged first).
