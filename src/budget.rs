@@ -179,7 +179,10 @@ mod tests {
             user: "u}:{x".to_owned(),
         };
         assert!(!user.tag().contains(['{', '}']));
-        assert_ne!(Scope::Product("p".to_owned()).tag(), Scope::Client("p".to_owned()).tag());
+        assert_ne!(
+            Scope::Product("p".to_owned()).tag(),
+            Scope::Client("p".to_owned()).tag()
+        );
         assert_eq!(user.kind(), "user");
     }
 }

@@ -185,7 +185,14 @@ mod tests {
 
     #[test]
     fn names_that_are_not_iana_zones_are_refused() {
-        for bad in ["", "Mars/Olympus", "JST-9", "/etc/localtime", "../../etc/passwd", "Asia/Tokio"] {
+        for bad in [
+            "",
+            "Mars/Olympus",
+            "JST-9",
+            "/etc/localtime",
+            "../../etc/passwd",
+            "Asia/Tokio",
+        ] {
             assert_eq!(DayZone::new(bad).err(), Some(UnknownZone), "{bad}");
         }
         assert_eq!(DayZone::new("UTC").unwrap().name(), "UTC");

@@ -291,7 +291,9 @@ mod tests {
         let day = today();
         assert_eq!(
             store.reserve(&user(), budget, &a, Nanos(60), &day, NOW),
-            Ok(Decision::Admitted { remaining_before: Nanos(100) })
+            Ok(Decision::Admitted {
+                remaining_before: Nanos(100)
+            })
         );
         assert_eq!(
             store.reserve(&user(), budget, &b, Nanos(41), &day, NOW),
@@ -299,7 +301,9 @@ mod tests {
         );
         assert_eq!(
             store.reserve(&user(), budget, &b, Nanos(40), &day, NOW),
-            Ok(Decision::Admitted { remaining_before: Nanos(40) })
+            Ok(Decision::Admitted {
+                remaining_before: Nanos(40)
+            })
         );
         // Settling frees what the reservation held beyond the actual cost.
         assert_eq!(store.settle(&user(), &a, Nanos(10), &day, NOW), Settlement::Settled);
@@ -312,7 +316,9 @@ mod tests {
         );
         assert_eq!(
             store.reserve(&user(), budget, &c, Nanos(50), &day, NOW),
-            Ok(Decision::Admitted { remaining_before: Nanos(50) })
+            Ok(Decision::Admitted {
+                remaining_before: Nanos(50)
+            })
         );
     }
 
@@ -329,7 +335,12 @@ mod tests {
         assert_eq!(store.settle(&user(), &id, Nanos(7), &day, NOW), Settlement::Unknown);
         assert_eq!(store.settle(&user(), &id, Nanos(9), &day, NOW), Settlement::Unknown);
         // A reservation repeated after its settlement adds nothing either.
-        assert!(store.reserve(&user(), Nanos(100), &id, Nanos(30), &day, NOW).unwrap().is_admitted());
+        assert!(
+            store
+                .reserve(&user(), Nanos(100), &id, Nanos(30), &day, NOW)
+                .unwrap()
+                .is_admitted()
+        );
         assert_eq!(
             store.spend(&user(), &day, NOW),
             Spend {
@@ -346,14 +357,38 @@ mod tests {
         let day = today();
         store.reserve(&user(), Nanos(100), &id, Nanos(30), &day, NOW).unwrap();
         let later = NOW + 3599;
-        assert_eq!(store.spend(&user(), &day, later), Spend { spent: Nanos(0), open: Nanos(30) });
+        assert_eq!(
+            store.spend(&user(), &day, later),
+            Spend {
+                spent: Nanos(0),
+                open: Nanos(30)
+            }
+        );
         let expired = NOW + 3600;
-        assert_eq!(store.spend(&user(), &day, expired), Spend { spent: Nanos(30), open: Nanos(0) });
+        assert_eq!(
+            store.spend(&user(), &day, expired),
+            Spend {
+                spent: Nanos(30),
+                open: Nanos(0)
+            }
+        );
         // Charging is idempotent: looking again charges nothing more.
         assert_eq!(store.spend(&user(), &day, expired + 10).spent, Nanos(30));
-        assert_eq!(store.settle(&user(), &id, Nanos(12), &day, expired + 20), Settlement::ReplacedCharge);
-        assert_eq!(store.spend(&user(), &day, expired + 30), Spend { spent: Nanos(12), open: Nanos(0) });
-        assert_eq!(store.settle(&user(), &id, Nanos(12), &day, expired + 40), Settlement::Unknown);
+        assert_eq!(
+            store.settle(&user(), &id, Nanos(12), &day, expired + 20),
+            Settlement::ReplacedCharge
+        );
+        assert_eq!(
+            store.spend(&user(), &day, expired + 30),
+            Spend {
+                spent: Nanos(12),
+                open: Nanos(0)
+            }
+        );
+        assert_eq!(
+            store.settle(&user(), &id, Nanos(12), &day, expired + 40),
+            Settlement::Unknown
+        );
     }
 
     #[test]
@@ -362,11 +397,28 @@ mod tests {
         let ids = ReservationIds::with_instance("t");
         let day = today();
         let tomorrow = DayZone::utc().day_at(day.end);
-        store.reserve(&user(), Nanos(10), &ids.next(), Nanos(10), &day, NOW).unwrap();
+        store
+            .reserve(&user(), Nanos(10), &ids.next(), Nanos(10), &day, NOW)
+            .unwrap();
         let product = Scope::Product("p".to_owned());
-        assert!(store.reserve(&product, Nanos(10), &ids.next(), Nanos(10), &day, NOW).unwrap().is_admitted());
-        assert!(store.reserve(&user(), Nanos(10), &ids.next(), Nanos(10), &tomorrow, day.end).unwrap().is_admitted());
-        assert!(!store.reserve(&user(), Nanos(10), &ids.next(), Nanos(1), &day, NOW).unwrap().is_admitted());
+        assert!(
+            store
+                .reserve(&product, Nanos(10), &ids.next(), Nanos(10), &day, NOW)
+                .unwrap()
+                .is_admitted()
+        );
+        assert!(
+            store
+                .reserve(&user(), Nanos(10), &ids.next(), Nanos(10), &tomorrow, day.end)
+                .unwrap()
+                .is_admitted()
+        );
+        assert!(
+            !store
+                .reserve(&user(), Nanos(10), &ids.next(), Nanos(1), &day, NOW)
+                .unwrap()
+                .is_admitted()
+        );
     }
 
     #[test]
@@ -375,11 +427,23 @@ mod tests {
         let ids = ReservationIds::with_instance("t");
         let day = today();
         let scope = |n: usize| Scope::Client(format!("c{n}"));
-        store.reserve(&scope(0), Nanos(100), &ids.next(), Nanos(1), &day, NOW).unwrap();
-        store.reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW).unwrap();
-        assert_eq!(store.reserve(&scope(2), Nanos(100), &ids.next(), Nanos(1), &day, NOW), Err(StoreFull));
-        store.reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW).unwrap();
-        assert_eq!(store.reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW), Err(StoreFull));
+        store
+            .reserve(&scope(0), Nanos(100), &ids.next(), Nanos(1), &day, NOW)
+            .unwrap();
+        store
+            .reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW)
+            .unwrap();
+        assert_eq!(
+            store.reserve(&scope(2), Nanos(100), &ids.next(), Nanos(1), &day, NOW),
+            Err(StoreFull)
+        );
+        store
+            .reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW)
+            .unwrap();
+        assert_eq!(
+            store.reserve(&scope(1), Nanos(100), &ids.next(), Nanos(1), &day, NOW),
+            Err(StoreFull)
+        );
         // A refusal by the budget is still a refusal, not StoreFull.
         assert_eq!(
             store.reserve(&scope(1), Nanos(2), &ids.next(), Nanos(1), &day, NOW),
@@ -388,7 +452,11 @@ mod tests {
         // Once the day can no longer be settled, its entries go and room comes back.
         let much_later = day.end + 3600 + DAY_MARGIN_SECONDS;
         let next_day = DayZone::utc().day_at(much_later);
-        assert!(store.reserve(&scope(2), Nanos(100), &ids.next(), Nanos(1), &next_day, much_later).is_ok());
+        assert!(
+            store
+                .reserve(&scope(2), Nanos(100), &ids.next(), Nanos(1), &next_day, much_later)
+                .is_ok()
+        );
         assert_eq!(store.records(), 1);
     }
 
@@ -407,6 +475,9 @@ mod tests {
         assert_eq!(store.records(), 0);
         assert_eq!(store.spend(&user(), &day, NOW + 3600).spent, Nanos(10));
     }
+
+    /// (amount, reserved at, (cost, settled at) once settled)
+    type Modelled = (u64, i64, Option<(u64, i64)>);
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -439,25 +510,24 @@ mod tests {
             let mut now = NOW;
             // Model: id -> (amount, reserved_at, Some((cost, settled_at)) once settled);
             // costs of settled reservations whose marker was forgotten move to `past`.
-            let mut model: HashMap<usize, (u64, i64, Option<(u64, i64)>)> = HashMap::new();
+            let mut model: HashMap<usize, Modelled> = HashMap::new();
             let mut past = 0;
             for op in ops {
-                if let Op::Reserve(i, _) = op {
-                    if let Some((_, _, Some((cost, at)))) = model.get(&i).copied() {
-                        if at + 3600 <= now {
-                            past += cost;
-                            model.remove(&i);
-                        }
-                    }
+                if let Op::Reserve(i, _) = op
+                    && let Some((_, _, Some((cost, at)))) = model.get(&i).copied()
+                    && at + 3600 <= now
+                {
+                    past += cost;
+                    model.remove(&i);
                 }
                 match op {
                     Op::Reserve(i, amount) => {
                         let before = store.spend(&user(), &day, now);
                         let decision = store.reserve(&user(), budget, &ids[i], Nanos(amount), &day, now).unwrap();
                         if decision.is_admitted() {
-                            if !model.contains_key(&i) {
+                            if let std::collections::hash_map::Entry::Vacant(entry) = model.entry(i) {
                                 prop_assert!(before.spent.0 + before.open.0 + amount <= budget.0);
-                                model.insert(i, (amount, now, None));
+                                entry.insert((amount, now, None));
                             }
                         } else {
                             prop_assert!(!model.contains_key(&i));
@@ -466,12 +536,11 @@ mod tests {
                     }
                     Op::Settle(i, actual) => {
                         let outcome = store.settle(&user(), &ids[i], Nanos(actual), &day, now);
-                        match model.get_mut(&i) {
-                            Some((_, _, settled @ None)) => {
-                                prop_assert_ne!(outcome, Settlement::Unknown);
-                                *settled = Some((actual, now));
-                            }
-                            _ => prop_assert_eq!(outcome, Settlement::Unknown),
+                        if let Some((_, _, settled @ None)) = model.get_mut(&i) {
+                            prop_assert_ne!(outcome, Settlement::Unknown);
+                            *settled = Some((actual, now));
+                        } else {
+                            prop_assert_eq!(outcome, Settlement::Unknown);
                         }
                     }
                     Op::Wait(s) => now += s,

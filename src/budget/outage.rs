@@ -19,8 +19,8 @@
 
 use std::collections::HashMap;
 
-use super::{Decision, Nanos, ReservationId, Scope};
 use super::price::PriceError;
+use super::{Decision, Nanos, ReservationId, Scope};
 use crate::day::Day;
 
 /// A snapshot read from Redis is fresh this long (contract: "within the last 60 s").
@@ -296,7 +296,10 @@ mod tests {
         assert_eq!(Share::parse("0"), Err(PriceError::NotPositive));
         assert_eq!(Share::parse("1.5"), Err(PriceError::TooLarge));
         assert_eq!(Share::parse("0.0000001"), Err(PriceError::TooManyDecimals));
-        assert_eq!(Share::parse("0.1").unwrap().of(Nanos(1_000_000_009)), Nanos(100_000_000));
+        assert_eq!(
+            Share::parse("0.1").unwrap().of(Nanos(1_000_000_009)),
+            Nanos(100_000_000)
+        );
     }
 
     #[test]
@@ -307,7 +310,9 @@ mod tests {
         let at = NOW + FRESH_SECONDS;
         assert_eq!(
             outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(50), &day(), at),
-            Decision::Admitted { remaining_before: Nanos(500) }
+            Decision::Admitted {
+                remaining_before: Nanos(500)
+            }
         );
         assert_eq!(
             outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), at),
@@ -321,11 +326,27 @@ mod tests {
         let ids = ReservationIds::with_instance("o");
         outage.note_read(&scope(), &day(), Nanos(500), NOW);
         let late = NOW + FRESH_SECONDS + 1;
-        assert!(outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1000), &day(), late).is_admitted());
-        assert!(!outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), late).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1000), &day(), late)
+                .is_admitted()
+        );
+        assert!(
+            !outage
+                .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), late)
+                .is_admitted()
+        );
         let other = Scope::Client("c".to_owned());
-        assert!(outage.reserve(&other, Nanos(100), &ids.next(), Nanos(10), &day(), NOW).is_admitted());
-        assert!(!outage.reserve(&other, Nanos(100), &ids.next(), Nanos(1), &day(), NOW).is_admitted());
+        assert!(
+            outage
+                .reserve(&other, Nanos(100), &ids.next(), Nanos(10), &day(), NOW)
+                .is_admitted()
+        );
+        assert!(
+            !outage
+                .reserve(&other, Nanos(100), &ids.next(), Nanos(1), &day(), NOW)
+                .is_admitted()
+        );
     }
 
     #[test]
@@ -333,14 +354,26 @@ mod tests {
         let mut outage = Outage::new(Share::default_share(), 3600);
         let ids = ReservationIds::with_instance("o");
         outage.note_read(&scope(), &day(), Nanos(100), NOW);
-        assert!(outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(10), &day(), NOW + 1).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(10), &day(), NOW + 1)
+                .is_admitted()
+        );
         // Ten minutes on, the snapshot is stale, but the allowance does not grow to the
         // share of the whole budget.
-        assert!(!outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), NOW + 600).is_admitted());
+        assert!(
+            !outage
+                .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), NOW + 600)
+                .is_admitted()
+        );
         // After Redis is back (and a new read), a new outage starts from the new snapshot.
         outage.redis_back();
         outage.note_read(&scope(), &day(), Nanos(80), NOW + 700);
-        assert!(outage.reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(8), &day(), NOW + 701).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(8), &day(), NOW + 701)
+                .is_admitted()
+        );
     }
 
     #[test]
@@ -349,10 +382,18 @@ mod tests {
         let ids = ReservationIds::with_instance("o");
         let (a, b, c) = (ids.next(), ids.next(), ids.next());
         for id in [&a, &b, &c] {
-            assert!(outage.reserve(&scope(), Nanos(1000), id, Nanos(100), &day(), NOW).is_admitted());
+            assert!(
+                outage
+                    .reserve(&scope(), Nanos(1000), id, Nanos(100), &day(), NOW)
+                    .is_admitted()
+            );
         }
         // A repeat is admitted without counting again.
-        assert!(outage.reserve(&scope(), Nanos(1000), &a, Nanos(100), &day(), NOW).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(1000), &a, Nanos(100), &day(), NOW)
+                .is_admitted()
+        );
         assert!(outage.settle(&a, Nanos(30)));
         assert!(!outage.settle(&a, Nanos(30)));
         assert!(!outage.settle(&ids.next(), Nanos(1)));
@@ -374,7 +415,10 @@ mod tests {
         assert!(outage.settle(&b, Nanos(7)));
         let mut later = outage.take_replays(NOW + 3600);
         later.sort_by_key(|r| r.cost);
-        assert_eq!(later.iter().map(|r| (r.id.clone(), r.cost)).collect::<Vec<_>>(), [(b, Nanos(7)), (c.clone(), Nanos(100))]);
+        assert_eq!(
+            later.iter().map(|r| (r.id.clone(), r.cost)).collect::<Vec<_>>(),
+            [(b, Nanos(7)), (c.clone(), Nanos(100))]
+        );
         assert_eq!(outage.unreplayed(), Nanos::ZERO);
         // A replay that failed is kept for the next try.
         outage.give_back(later.pop().unwrap());
@@ -387,9 +431,21 @@ mod tests {
         let mut outage = Outage::new(Share::default_share(), 3600);
         let ids = ReservationIds::with_instance("o");
         let first = ids.next();
-        assert!(outage.reserve(&scope(), Nanos(1000), &first, Nanos(100), &day(), NOW).is_admitted());
-        assert!(!outage.reserve(&scope(), Nanos(1000), &ids.next(), Nanos(50), &day(), NOW).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(1000), &first, Nanos(100), &day(), NOW)
+                .is_admitted()
+        );
+        assert!(
+            !outage
+                .reserve(&scope(), Nanos(1000), &ids.next(), Nanos(50), &day(), NOW)
+                .is_admitted()
+        );
         outage.settle(&first, Nanos(40));
-        assert!(outage.reserve(&scope(), Nanos(1000), &ids.next(), Nanos(60), &day(), NOW).is_admitted());
+        assert!(
+            outage
+                .reserve(&scope(), Nanos(1000), &ids.next(), Nanos(60), &day(), NOW)
+                .is_admitted()
+        );
     }
 }

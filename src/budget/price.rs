@@ -45,10 +45,12 @@ impl Nanos {
     /// What a cost saturates at (`i64::MAX`): Redis's `INCRBY` holds any amount up to it.
     pub const MAX: Self = Self(i64::MAX.unsigned_abs());
 
+    #[must_use]
     pub fn saturating_add(self, other: Self) -> Self {
         Self(self.0.saturating_add(other.0).min(Self::MAX.0))
     }
 
+    #[must_use]
     pub fn saturating_sub(self, other: Self) -> Self {
         Self(self.0.saturating_sub(other.0))
     }
@@ -308,7 +310,7 @@ fn parse_micros(text: &str, max_whole: u64) -> Result<u64, PriceError> {
 }
 
 /// The cost of a request with `usage` at `prices`, exactly: (input - cached) × input +
-/// cached × cached_input + output × output, prices per 1M tokens, rounded up to a whole
+/// cached × `cached_input` + output × output, prices per 1M tokens, rounded up to a whole
 /// 1e-9 USD. Output tokens are [`Usage::output_tokens`] (the larger of the reported
 /// output and total - input). Saturates at [`Nanos::MAX`].
 pub fn cost(usage: &Usage, prices: &Prices) -> Nanos {
@@ -459,7 +461,10 @@ mod tests {
             Err(PricesError::Field("input", PriceError::NotANumber))
         );
         assert_eq!(Prices::from_json(r#"{"output": 1}"#), Err(PricesError::MissingInput));
-        assert_eq!(Prices::from_json(r#"{"input": 1, "inptu": 2}"#), Err(PricesError::UnknownField));
+        assert_eq!(
+            Prices::from_json(r#"{"input": 1, "inptu": 2}"#),
+            Err(PricesError::UnknownField)
+        );
         assert_eq!(
             Prices::from_json(r#"{"input": 1, "context_tokens": 1.5}"#),
             Err(PricesError::ContextTokens)

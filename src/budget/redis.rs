@@ -54,9 +54,9 @@ impl RedisBudgets {
         }
     }
 
-    /// Reserves `amount` for request `id` in `scope` on `day` if spend + open reservations
-    /// + `amount` <= `budget`; `now` is this instance's clock, unix seconds. `None`: Redis
-    /// unavailable.
+    /// Reserves `amount` for request `id` in `scope` on `day` if spend, open reservations
+    /// and `amount` together fit `budget`; `now` is this instance's clock, unix seconds.
+    /// `None`: Redis unavailable.
     pub async fn reserve(
         &self,
         scope: &Scope,

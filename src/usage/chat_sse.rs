@@ -22,6 +22,7 @@ const MAX_HELD_PIECES: usize = 32;
 
 /// See the module documentation.
 #[derive(Debug)]
+#[allow(clippy::struct_excessive_bools, reason = "independent flags of the stream's state")]
 pub struct ChatStream {
     strip_usage_chunk: bool,
     splitter: Splitter,
@@ -169,7 +170,8 @@ mod tests {
 
     const FIRST: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi \\\"usage\\\"\"}}],\"usage\":null}\n\n";
     const FILTER: &str = "data: {\"id\":\"c1\",\"choices\":[],\"prompt_filter_results\":[{\"prompt_index\":0}]}\n\n";
-    const LAST: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
+    const LAST: &str =
+        "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
     const USAGE: &str = "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"total_tokens\":15,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 
@@ -211,7 +213,11 @@ mod tests {
                     whole.extend_from_slice(event.as_bytes());
                 }
             }
-            assert_eq!(String::from_utf8_lossy(&sent), String::from_utf8_lossy(&whole), "after {cut}");
+            assert_eq!(
+                String::from_utf8_lossy(&sent),
+                String::from_utf8_lossy(&whole),
+                "after {cut}"
+            );
         }
         let mut out = Vec::new();
         reader.finish(&mut out);
@@ -278,7 +284,10 @@ mod tests {
     fn a_huge_event_passes_without_being_held_and_the_stream_goes_on() {
         let mut reader = ChatStream::new(true);
         let mut out = Vec::new();
-        reader.feed(&Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\""), &mut out);
+        reader.feed(
+            &Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\""),
+            &mut out,
+        );
         let filler = Bytes::from(vec![b'x'; 8192]);
         let mut passed = 0;
         for _ in 0..200 {

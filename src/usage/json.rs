@@ -10,7 +10,7 @@
 
 use super::Usage;
 
-/// Deeper documents stop the scan (serde_json's own default recursion limit).
+/// Deeper documents stop the scan (`serde_json`'s own default recursion limit).
 pub const MAX_DEPTH: u32 = 128;
 /// A captured string value (an id, a type) longer than this is dropped, not stored.
 pub const MAX_CAPTURED: usize = 256;
@@ -113,6 +113,10 @@ struct Fields {
 
 /// See the module documentation.
 #[derive(Debug)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent flags of a byte-level state machine"
+)]
 pub struct JsonScanner {
     layout: Layout,
     state: State,
@@ -171,7 +175,10 @@ impl JsonScanner {
     pub fn reset(&mut self) {
         let mut text = std::mem::take(&mut self.text);
         text.clear();
-        *self = Self { text, ..Self::new(self.layout) };
+        *self = Self {
+            text,
+            ..Self::new(self.layout)
+        };
     }
 
     /// The last complete `usage` object with at least one token count, if any.
@@ -283,28 +290,7 @@ impl JsonScanner {
                 b'\\' => self.state = State::Escape,
                 _ => self.push_text(b),
             },
-            State::Escape => {
-                let decoded = match b {
-                    b'"' | b'\\' | b'/' => Some(b),
-                    b'b' => Some(0x08),
-                    b'f' => Some(0x0c),
-                    b'n' => Some(b'\n'),
-                    b'r' => Some(b'\r'),
-                    b't' => Some(b'\t'),
-                    b'u' => None,
-                    _ => {
-                        self.state = State::Failed;
-                        return false;
-                    }
-                };
-                match decoded {
-                    Some(byte) => {
-                        self.push_text(byte);
-                        self.state = State::Str;
-                    }
-                    None => self.state = State::Unicode(0, 0),
-                }
-            }
+            State::Escape => self.escape(b),
             State::Unicode(n, code) => {
                 let Some(digit) = (b as char).to_digit(16) else {
                     self.state = State::Failed;
@@ -318,22 +304,7 @@ impl JsonScanner {
                     self.state = State::Unicode(n + 1, code);
                 }
             }
-            State::Number => {
-                if b.is_ascii_digit() {
-                    if self.number_ok {
-                        match self.number.checked_mul(10).and_then(|n| n.checked_add(u64::from(b - b'0'))) {
-                            Some(n) => self.number = n,
-                            None => self.number_ok = false,
-                        }
-                    }
-                } else if matches!(b, b'.' | b'e' | b'E' | b'+' | b'-') {
-                    // Token counts are plain integers; anything else is not one.
-                    self.number_ok = false;
-                } else {
-                    self.end_number();
-                    return true;
-                }
-            }
+            State::Number => return self.number_byte(b),
             State::Literal(rest) => {
                 if rest.first() == Some(&b) {
                     let rest = &rest[1..];
@@ -352,6 +323,51 @@ impl JsonScanner {
                 }
             }
             State::Failed => {}
+        }
+        false
+    }
+
+    /// The byte after a backslash in a string.
+    fn escape(&mut self, b: u8) {
+        let decoded = match b {
+            b'"' | b'\\' | b'/' => b,
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                self.state = State::Unicode(0, 0);
+                return;
+            }
+            _ => {
+                self.state = State::Failed;
+                return;
+            }
+        };
+        self.push_text(decoded);
+        self.state = State::Str;
+    }
+
+    /// A byte inside a number; true when it ended the number and must be read again.
+    fn number_byte(&mut self, b: u8) -> bool {
+        if b.is_ascii_digit() {
+            if self.number_ok {
+                match self
+                    .number
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                {
+                    Some(n) => self.number = n,
+                    None => self.number_ok = false,
+                }
+            }
+        } else if matches!(b, b'.' | b'e' | b'E' | b'+' | b'-') {
+            // Token counts are plain integers; anything else is not one.
+            self.number_ok = false;
+        } else {
+            self.end_number();
+            return true;
         }
         false
     }
@@ -448,33 +464,45 @@ impl JsonScanner {
         if let Some(seg) = self.path.get_mut(self.depth as usize - 1) {
             *seg = if array { Seg::Array } else { Seg::Other };
         }
-        self.state = if array { State::FirstValueOrEnd } else { State::FirstKeyOrEnd };
+        self.state = if array {
+            State::FirstValueOrEnd
+        } else {
+            State::FirstKeyOrEnd
+        };
     }
 
     fn close(&mut self, array: bool) {
         self.depth -= 1;
-        if !array && self.rel_path() == Some(&[Seg::Usage][..]) {
-            if let Some(fields) = self.open_usage.take() {
-                if fields.input.is_some() || fields.output.is_some() || fields.total.is_some() {
-                    self.usage = Some(Usage {
-                        input_tokens: fields.input.unwrap_or(0),
-                        cached_tokens: fields.cached.unwrap_or(0),
-                        reported_output_tokens: fields.output,
-                        total_tokens: fields.total,
-                    });
-                }
-            }
+        if !array
+            && self.rel_path() == Some(&[Seg::Usage][..])
+            && let Some(fields) = self.open_usage.take()
+            && (fields.input.is_some() || fields.output.is_some() || fields.total.is_some())
+        {
+            self.usage = Some(Usage {
+                input_tokens: fields.input.unwrap_or(0),
+                cached_tokens: fields.cached.unwrap_or(0),
+                reported_output_tokens: fields.output,
+                total_tokens: fields.total,
+            });
         }
         self.end_value();
     }
 
     fn end_value(&mut self) {
         self.capture = Capture::None;
-        self.state = if self.depth == 0 { State::Done } else { State::AfterValue };
+        self.state = if self.depth == 0 {
+            State::Done
+        } else {
+            State::AfterValue
+        };
     }
 
     fn start_key(&mut self) {
-        self.capture = if self.depth as usize <= PATH_LEVELS { Capture::Key } else { Capture::None };
+        self.capture = if self.depth as usize <= PATH_LEVELS {
+            Capture::Key
+        } else {
+            Capture::None
+        };
         self.in_key = true;
         self.key_len = 0;
         self.key_bad = false;
@@ -498,15 +526,15 @@ impl JsonScanner {
             return;
         }
         match self.capture {
-            Capture::Id | Capture::Type => {
-                if !self.text_bad && self.high_surrogate.is_none() {
-                    if let Ok(text) = std::str::from_utf8(&self.text) {
-                        if self.capture == Capture::Id {
-                            self.id = Some(text.to_owned());
-                        } else {
-                            self.event_type = Some(text.to_owned());
-                        }
-                    }
+            Capture::Id | Capture::Type
+                if !self.text_bad
+                    && self.high_surrogate.is_none()
+                    && let Ok(text) = std::str::from_utf8(&self.text) =>
+            {
+                if self.capture == Capture::Id {
+                    self.id = Some(text.to_owned());
+                } else {
+                    self.event_type = Some(text.to_owned());
                 }
             }
             _ => {}
@@ -554,31 +582,28 @@ impl JsonScanner {
             (None, _) => char::from_u32(u32::from(code)),
             (Some(_), _) => None,
         };
-        match c {
-            Some(c) => {
-                let mut buf = [0; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    self.push_text(b);
-                }
+        if let Some(c) = c {
+            let mut buf = [0; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                self.push_text(b);
             }
-            None => {
-                self.key_bad = true;
-                self.text_bad = true;
-            }
+        } else {
+            self.key_bad = true;
+            self.text_bad = true;
         }
     }
 
     fn end_number(&mut self) {
-        if self.number_ok {
-            if let Some(fields) = self.open_usage.as_mut() {
-                let n = Some(self.number);
-                match self.capture {
-                    Capture::Input => fields.input = n,
-                    Capture::Output => fields.output = n,
-                    Capture::Total => fields.total = n,
-                    Capture::Cached => fields.cached = n,
-                    _ => {}
-                }
+        if self.number_ok
+            && let Some(fields) = self.open_usage.as_mut()
+        {
+            let n = Some(self.number);
+            match self.capture {
+                Capture::Input => fields.input = n,
+                Capture::Output => fields.output = n,
+                Capture::Total => fields.total = n,
+                Capture::Cached => fields.cached = n,
+                _ => {}
             }
         }
         self.end_value();
@@ -653,7 +678,11 @@ mod tests {
 
     #[test]
     fn every_split_of_a_body_reads_the_same() {
-        for (layout, doc) in [(Layout::Body, CHAT), (Layout::Body, RESPONSE), (Layout::Body, EMBEDDINGS)] {
+        for (layout, doc) in [
+            (Layout::Body, CHAT),
+            (Layout::Body, RESPONSE),
+            (Layout::Body, EMBEDDINGS),
+        ] {
             let whole = scan(layout, &[doc.as_bytes()]);
             let bytes = doc.as_bytes();
             for cut in 0..=bytes.len() {
@@ -671,17 +700,30 @@ mod tests {
     fn escaped_keys_are_read_as_their_text() {
         let doc = r#"{"usag\u0065":{"prompt_tokens":5,"\u0063ompletion_tokens":2}}"#;
         let s = scan(Layout::Body, &[doc.as_bytes()]);
-        assert_eq!(s.usage().map(|u| (u.input_tokens, u.reported_output_tokens)), Some((5, Some(2))));
+        assert_eq!(
+            s.usage().map(|u| (u.input_tokens, u.reported_output_tokens)),
+            Some((5, Some(2)))
+        );
     }
 
     #[test]
     fn null_empty_or_non_integer_usage_is_no_usage() {
         assert_eq!(scan(Layout::Body, &[br#"{"usage":null}"#]).usage(), None);
         assert_eq!(scan(Layout::Body, &[br#"{"usage":{}}"#]).usage(), None);
-        assert_eq!(scan(Layout::Body, &[br#"{"usage":{"prompt_tokens":1.5}}"#]).usage(), None);
-        assert_eq!(scan(Layout::Body, &[br#"{"usage":{"prompt_tokens":-1}}"#]).usage(), None);
         assert_eq!(
-            scan(Layout::Body, &[br#"{"usage":{"prompt_tokens":99999999999999999999999}}"#]).usage(),
+            scan(Layout::Body, &[br#"{"usage":{"prompt_tokens":1.5}}"#]).usage(),
+            None
+        );
+        assert_eq!(
+            scan(Layout::Body, &[br#"{"usage":{"prompt_tokens":-1}}"#]).usage(),
+            None
+        );
+        assert_eq!(
+            scan(
+                Layout::Body,
+                &[br#"{"usage":{"prompt_tokens":99999999999999999999999}}"#]
+            )
+            .usage(),
             None
         );
         // A top-level number right at the end of the document is complete.
@@ -697,7 +739,14 @@ mod tests {
 
     #[test]
     fn malformed_or_too_deep_json_stops_the_scan() {
-        for bad in [&b"[DONE]"[..], b"{\"a\" 1}", b"{\"a\":tru}", b"{]", b"{\"a\":1}}", b"{\"a\":\"\\x\"}"] {
+        for bad in [
+            &b"[DONE]"[..],
+            b"{\"a\" 1}",
+            b"{\"a\":tru}",
+            b"{]",
+            b"{\"a\":1}}",
+            b"{\"a\":\"\\x\"}",
+        ] {
             let s = scan(Layout::Body, &[bad]);
             assert!(s.has_failed(), "{}", String::from_utf8_lossy(bad));
         }

@@ -57,10 +57,11 @@ impl ResponsesStream {
                 Sse::EventEnd => {
                     self.scanner.finish();
                     let is_final = self.scanner.event_type().is_some_and(|t| FINAL_TYPES.contains(&t));
-                    if is_final && self.scanner.is_complete() {
-                        if let Some(usage) = self.scanner.usage() {
-                            self.usage = Some(usage);
-                        }
+                    if is_final
+                        && self.scanner.is_complete()
+                        && let Some(usage) = self.scanner.usage()
+                    {
+                        self.usage = Some(usage);
                     }
                     self.scanner.reset();
                 }
@@ -163,7 +164,10 @@ mod tests {
             reader.feed(&filler);
         }
         reader.feed(b"\"}],\"usage\":{\"input_tokens\":7,\"output_tokens\":1000}}}\n\n");
-        assert_eq!(reader.usage().map(|u| (u.input_tokens, u.output_tokens())), Some((7, 1000)));
+        assert_eq!(
+            reader.usage().map(|u| (u.input_tokens, u.output_tokens())),
+            Some((7, 1000))
+        );
         assert_eq!(reader.id(), Some("resp_9"));
     }
 }

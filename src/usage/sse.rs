@@ -86,7 +86,11 @@ impl Splitter {
                 Line::Name { len, data } => {
                     if b == b':' {
                         *pos += 1;
-                        self.line = if data && len == 4 { Line::AfterColon } else { Line::Ignore };
+                        self.line = if data && len == 4 {
+                            Line::AfterColon
+                        } else {
+                            Line::Ignore
+                        };
                     } else if is_eol(b) {
                         // A `data` line without a colon is a data line with an empty value.
                         let joiner = data && len == 4 && self.data_lines > 0;
