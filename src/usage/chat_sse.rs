@@ -45,7 +45,7 @@ impl ChatStream {
         Self {
             strip_usage_chunk,
             splitter: Splitter::new(),
-            scanner: JsonScanner::new(Layout::Body),
+            scanner: JsonScanner::new(Layout::ChatChunk),
             held: Vec::new(),
             held_len: 0,
             passing: false,

@@ -22,9 +22,12 @@ const PATH_LEVELS: usize = 4;
 /// Where the members sit in the documents being scanned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// A JSON answer (chat completion, embeddings, response) or a chat stream chunk:
-    /// top-level `usage`, `id` and `choices`.
+    /// A JSON answer (chat completion, embeddings, response): top-level `usage`, `id`
+    /// and `choices`.
     Body,
+    /// A chat stream chunk: as [`Layout::Body`], but the `id` (the same in every chunk,
+    /// and not needed) is not copied out of each one.
+    ChatChunk,
     /// The data of a Responses stream event: top-level `type`, and `usage` and `id` inside
     /// the top-level `response` object.
     ResponsesEvent,
@@ -385,7 +388,7 @@ impl JsonScanner {
         }
         let path = &self.path[..depth];
         match self.layout {
-            Layout::Body => Some(path),
+            Layout::Body | Layout::ChatChunk => Some(path),
             Layout::ResponsesEvent => path.strip_prefix(&[Seg::Response]),
         }
     }
@@ -400,6 +403,7 @@ impl JsonScanner {
         let rel = self.rel_path();
         let at_id = match self.layout {
             Layout::Body => depth == 1 && abs == [Seg::Id],
+            Layout::ChatChunk => false,
             Layout::ResponsesEvent => depth == 2 && abs == [Seg::Response, Seg::Id],
         };
         let capture_number = match rel {
