@@ -357,3 +357,17 @@ async fn spend_made_during_an_outage_is_added_once_even_when_the_replay_repeats(
         })
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_redis_answers_none_so_the_caller_applies_the_outage_rule() {
+    install_crypto_provider();
+    let t = now();
+    let today = DayZone::utc().day_at(t);
+    let port = common::redis::free_port();
+    let budgets = budgets(&format!("redis://127.0.0.1:{port}"), false);
+    let id = ReservationIds::with_instance("down").next();
+    let scope = user("erin");
+    assert_eq!(budgets.reserve(&scope, Nanos(10), &id, Nanos(1), &today, t).await, None);
+    assert_eq!(budgets.settle(&scope, &id, Nanos(1), &today, t).await, None);
+    assert_eq!(budgets.spend(&scope, &today, t).await, None);
+}

@@ -461,6 +461,31 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_reservations_from_many_threads_fill_the_budget_exactly() {
+        let store = std::sync::Arc::new(MemoryBudgets::new(TTL));
+        let ids = std::sync::Arc::new(ReservationIds::with_instance("t"));
+        let day = today();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, ids) = (store.clone(), ids.clone());
+                std::thread::spawn(move || {
+                    (0..50)
+                        .filter(|_| {
+                            store
+                                .reserve(&user(), Nanos(1000), &ids.next(), Nanos(7), &day, NOW)
+                                .unwrap()
+                                .is_admitted()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(admitted, 142);
+        assert_eq!(store.spend(&user(), &day, NOW).open, Nanos(994));
+    }
+
+    #[test]
     fn settled_markers_are_forgotten_after_the_ttl() {
         let store = MemoryBudgets::new(TTL);
         let ids = ReservationIds::with_instance("t");
