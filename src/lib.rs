@@ -19,7 +19,9 @@
 
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cli;
+pub mod day;
 pub mod error;
 pub mod limit;
 pub mod metrics;
@@ -30,4 +32,5 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 pub mod validate;

@@ -1,0 +1,188 @@
+//! Spend control: prices and amounts as integers ([`price`]), and the reservations that
+//! admit a request only while its scope's budget can pay for its worst case ([`memory`]
+//! on this instance, [`redis`] shared by every instance, [`outage`] while Redis is away).
+//!
+//! Nothing here reads the request or the response: the caller hands in the reservation
+//! and the cost it measured ([`crate::usage`], [`price::cost`]). Money is integers of 1e-9
+//! USD ([`Nanos`]), never floats. Time is unix seconds passed by the caller, so tests
+//! control it and no background task is needed: expired reservations are charged lazily,
+//! whenever their scope is touched.
+
+pub mod memory;
+pub mod outage;
+pub mod price;
+pub mod redis;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use self::price::Nanos;
+use crate::store::id_part;
+
+/// What a budget applies to (contract: "Scopes").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// (product, user): `DAILY_BUDGET_USD` or `PRODUCT_LIMITS[p].daily_budget_usd`.
+    User { product: String, user: String },
+    /// All users of a product: `PRODUCT_LIMITS[p].product_daily_budget_usd`.
+    Product(String),
+    /// An HMAC client: `CLIENT_LIMITS[c].daily_budget_usd`.
+    Client(String),
+}
+
+impl Scope {
+    /// `user`, `product` or `client`: the log line's `budget_scope` and the refusal's text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::User { .. } => "user",
+            Self::Product(_) => "product",
+            Self::Client(_) => "client",
+        }
+    }
+
+    /// The Redis hash tag of the scope. A user scope shares the tag of the limiter's
+    /// (product, user) keys and a client scope the client's, so each identity's keys sit
+    /// in one Redis Cluster slot; ids are escaped so none can break out of the tag.
+    pub(crate) fn tag(&self) -> String {
+        match self {
+            Self::User { product, user } => format!("p:{}:u:{}", id_part(product), id_part(user)),
+            Self::Product(product) => format!("p:{}", id_part(product)),
+            Self::Client(client) => format!("c:{}", id_part(client)),
+        }
+    }
+}
+
+/// A reservation's id: unique to one request across all instances (an instance id and
+/// a counter of its own), never the client's `x-request-id`, which a client may reuse.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ReservationId(String);
+
+impl ReservationId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Hands out [`ReservationId`]s: `<instance>-<counter>`, where the instance id is 64
+/// random bits drawn at start (two instances, or one restarted, never share ids).
+#[derive(Debug)]
+pub struct ReservationIds {
+    instance: String,
+    next: AtomicU64,
+}
+
+impl ReservationIds {
+    /// A new instance id from the system's random source.
+    pub fn new() -> Result<Self, aws_lc_rs::error::Unspecified> {
+        let mut bytes = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut bytes)?;
+        Ok(Self::with_instance(&hex::encode(bytes)))
+    }
+
+    /// Ids under a given instance id (tests, and instances that already have one).
+    pub fn with_instance(instance: &str) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The next id; never the same twice in this process.
+    pub fn next(&self) -> ReservationId {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        ReservationId(format!("{}-{n}", self.instance))
+    }
+}
+
+/// One scope's answer to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Reserved. `remaining_before`: budget - spend - open reservations before this
+    /// request, never below 0 (the `x-budget-remaining-usd` header).
+    Admitted { remaining_before: Nanos },
+    /// Not reserved: budget - spend - open reservations, never below 0.
+    Refused { remaining: Nanos },
+}
+
+impl Decision {
+    pub fn is_admitted(&self) -> bool {
+        matches!(self, Self::Admitted { .. })
+    }
+
+    /// What was left before this request, either way.
+    pub fn remaining(&self) -> Nanos {
+        match *self {
+            Self::Admitted { remaining_before } => remaining_before,
+            Self::Refused { remaining } => remaining,
+        }
+    }
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The open reservation was replaced by the actual cost.
+    Settled,
+    /// The reservation had expired and been charged in full; the actual cost replaced
+    /// that charge.
+    ReplacedCharge,
+    /// Nothing to settle: already settled (a repeated call), or never reserved.
+    Unknown,
+}
+
+/// A scope's figures for one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    /// Settled costs and expired reservations charged in full.
+    pub spent: Nanos,
+    /// Reservations still open.
+    pub open: Nanos,
+}
+
+impl Spend {
+    /// budget - spent - open, never below 0.
+    pub fn remaining(&self, budget: Nanos) -> Nanos {
+        budget.saturating_sub(self.spent.saturating_add(self.open))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_ids_are_unique_per_request_and_per_instance() {
+        let a = ReservationIds::new().unwrap();
+        let b = ReservationIds::new().unwrap();
+        let first = a.next();
+        assert_ne!(first, a.next());
+        assert_ne!(first, b.next());
+        assert_eq!(ReservationIds::with_instance("i1").next().as_str(), "i1-0");
+    }
+
+    #[test]
+    fn scope_tags_cannot_collide_or_escape_the_hash_tag() {
+        let user = Scope::User {
+            product: "p".to_owned(),
+            user: "u}:{x".to_owned(),
+        };
+        assert!(!user.tag().contains(['{', '}']));
+        assert_ne!(
+            Scope::Product("p".to_owned()).tag(),
+            Scope::Client("p".to_owned()).tag()
+        );
+        assert_eq!(user.kind(), "user");
+    }
+}

@@ -1,0 +1,8 @@
+-- A scope's figures for the day, expired reservations charged first (common.lua is
+-- prepended). ARGV: now. Returns {spend, open} as strings ('0' for an unknown day) and the
+-- count of expired reservations charged now.
+local h, z = KEYS[1], KEYS[2]
+local charged = sweep(h, z, ARGV[1])
+local spend = redis.call('HGET', h, 'spend') or '0'
+local open = redis.call('HGET', h, 'open') or '0'
+return {spend, open, charged}
