@@ -119,8 +119,8 @@ fn json(body: Bytes) -> Response {
 }
 
 /// The whole body, refused with 413 as soon as its declared or actual size is over
-/// `limit` (the declared size is checked before reading a byte), and with 408 when it
-/// takes longer than `timeout`.
+/// `limit` (a `Content-Length` is checked before reading a byte, chunk sizes as they come
+/// in), and with 408 when it takes longer than `timeout`.
 async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -133,6 +133,9 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize, timeout: D
         Err(_) => Err(ApiError::RequestTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge),
+        // The listener saw chunk sizes that declare more than the limit (hyper hands the
+        // declared size to nobody): the rest is not waited for.
+        Ok(Err(error)) if crate::server::DeclaredTooLarge::caused(&*error) => Err(ApiError::BodyTooLarge),
         Ok(Err(_)) => Err(ApiError::UnreadableBody),
     }
 }

@@ -7,8 +7,12 @@
 //! With `METRICS_PORT` set, [`start`] also binds the separate `GET /metrics` listener
 //! ([`crate::metrics`]); it stays up during the drain so a last scrape still works.
 
+mod client_io;
+mod framing;
 mod idle;
 mod stall;
+
+pub use self::framing::DeclaredTooLarge;
 
 use std::future::Future;
 use std::io;
@@ -30,6 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use self::client_io::ClientIo;
 use self::idle::{Activity, InFlight};
 use self::stall::Stall;
 use crate::app::{self, App};
@@ -75,6 +80,7 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
     let options = Options {
         client_timeout: settings.client_timeout,
         stall_timeout: settings.upstream.idle_timeout,
+        max_body_bytes: settings.max_body_bytes,
         grace: settings.shutdown_grace,
     };
     let app = Arc::new(App::new(settings));
@@ -100,11 +106,13 @@ async fn start_metrics(settings: &Settings, ip: IpAddr) -> io::Result<Option<Met
     }
 }
 
+#[derive(Clone, Copy)]
 struct Options {
     /// `CLIENT_TIMEOUT_SECONDS`: for a request head, and for a connection without requests.
     client_timeout: Duration,
     /// `UPSTREAM_IDLE_TIMEOUT_SECONDS`: for a response whose client takes nothing.
     stall_timeout: Duration,
+    max_body_bytes: usize,
     grace: Duration,
 }
 
@@ -142,7 +150,7 @@ async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown:
             Arc::clone(&builder),
             stream,
             Arc::clone(&app),
-            (options.client_timeout, options.stall_timeout),
+            options,
             draining.clone(),
         ));
     }
@@ -161,7 +169,7 @@ async fn connection(
     builder: Arc<auto::Builder<stall::Executor>>,
     stream: TcpStream,
     app: Arc<App>,
-    (client_timeout, stall_timeout): (Duration, Duration),
+    options: Options,
     mut draining: watch::Receiver<()>,
 ) {
     let activity = Activity::new();
@@ -169,17 +177,17 @@ async fn connection(
         app,
         activity: Arc::clone(&activity),
     };
-    let io = TokioIo::new(stall::Progress(stream));
+    let io = TokioIo::new(ClientIo::new(stream, options.max_body_bytes));
     let mut connection = std::pin::pin!(builder.serve_connection(io, service));
     // HTTP/1.1 responses are polled in this task: watch them for a client that stopped
     // reading (HTTP/2 streams have their own tasks, see `stall::Executor`).
-    let mut stall = Stall::new(stall_timeout);
+    let mut stall = Stall::new(options.stall_timeout);
     let mut timer = std::pin::pin!(None);
     let mut serve = std::future::poll_fn(|cx| stall.poll(connection.as_mut(), timer.as_mut(), cx));
     tokio::select! {
         // Ended, or cut by the stall watch (dropping it closes the socket).
         _ = &mut serve => return,
-        () = activity.idle_for(client_timeout, Instant::now()) => {}
+        () = activity.idle_for(options.client_timeout, Instant::now()) => {}
         _ = draining.changed() => {}
     }
     drop(serve);
@@ -195,7 +203,7 @@ async fn connection(
     let serve = std::future::poll_fn(|cx| stall.poll(connection.as_mut(), timer.as_mut(), cx));
     tokio::select! {
         _ = serve => {}
-        () = activity.idle_for(client_timeout, Instant::now()) => {}
+        () = activity.idle_for(options.client_timeout, Instant::now()) => {}
     }
 }
 

@@ -635,3 +635,71 @@ async fn an_http2_client_that_stops_reading_a_stream_is_cut_after_the_upstream_i
         .expect("the stream ends");
     assert!(end.is_err(), "the stream ended cleanly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_size_over_the_body_limit_gets_413_without_waiting_for_the_chunk() {
+    let upstream = MockUpstream::openai().await;
+    // A client timeout far longer than the wait below: a 408 cannot be what answers.
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("CLIENT_TIMEOUT_SECONDS", "20"), ("MAX_BODY_BYTES", "1000")],
+    )
+    .await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        jwt(common::PRODUCT, common::USER)
+    );
+    // One chunk that alone declares 1001 bytes; several that add up to more; and the
+    // size line sent after the head, on its own.
+    let bodies = [
+        format!("{:x}\r\n{{\"mo", 1001),
+        format!("{:x}\r\n{}\r\n{:x}\r\nxy", 600, " ".repeat(600), 401),
+    ];
+    for body in &bodies {
+        let mut stream = connect(app.addr).await;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("413 without waiting for the declared bytes")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert_eq!(status_of(&buf[..n]), Some(413), "{body:?}: {text}");
+        assert!(text.contains("body_too_large"), "{text}");
+    }
+    let mut stream = connect(app.addr).await;
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream.write_all(b"3e9\r\n").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("413 without waiting for the declared bytes")
+        .unwrap();
+    assert_eq!(status_of(&buf[..n]), Some(413), "{}", String::from_utf8_lossy(&buf[..n]));
+
+    // Chunked bodies within the limit, one request after another on one connection, pass.
+    let mut stream = connect(app.addr).await;
+    for _ in 0..2 {
+        let (first, rest) = CHAT.split_at(10);
+        let request = format!(
+            "{head}{:x}\r\n{first}\r\n{:x};ext=1\r\n{rest}\r\n0\r\n\r\n",
+            first.len(),
+            rest.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&response).contains("chatcmpl-1") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(status_of(&response), Some(200), "{}", String::from_utf8_lossy(&response));
+    }
+    assert_eq!(upstream.last().body, CHAT.as_bytes());
+}

@@ -8,18 +8,16 @@
 //! connection's task for HTTP/1.1, one task per stream for HTTP/2, spawned through
 //! [`Executor`]), so the body tells that task through a thread-local flag, read right
 //! after each poll ([`Stall::poll`]). A write that moves bytes to the client's socket
-//! ([`Progress`]) restarts the wait, so a slow reader is not a stalled one. The timer is
+//! ([`super::client_io::ClientIo`]) restarts the wait, so a slow reader is not a stalled one. The timer is
 //! armed only while a body waits, once per gap, in the task's own memory: no allocation,
 //! no task, no lock per request.
 
 use std::cell::Cell;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// A body handed out a frame and was not polled since.
@@ -42,7 +40,8 @@ pub(super) fn body_waiting() {
     SIGNALS.with(|s| s.set(s.get() | WAITING));
 }
 
-fn progressed() {
+/// Called when bytes reached the client's socket ([`super::client_io::ClientIo`]).
+pub(super) fn progressed() {
     SIGNALS.with(|s| s.set(s.get() | PROGRESS));
 }
 
@@ -126,52 +125,5 @@ where
 {
     fn execute(&self, future: F) {
         tokio::spawn(watch(future, self.idle));
-    }
-}
-
-/// The client's socket, telling the [`Stall`] watch when bytes reach it.
-pub(super) struct Progress<T>(pub(super) T);
-
-impl<T: AsyncRead + Unpin> AsyncRead for Progress<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Progress<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.0).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll
-            && n > 0
-        {
-            progressed();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = poll
-            && n > 0
-        {
-            progressed();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
