@@ -236,7 +236,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
 /// The response body as hyper sees it: counts the request in flight until it ends, and
 /// tells the stall watch when it waits for the client.
-pub struct ResponseBody {
+struct ResponseBody {
     inner: LoggedBody,
     _in_flight: InFlight,
 }

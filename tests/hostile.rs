@@ -472,10 +472,9 @@ async fn h2_connect(
     JoinHandle<Result<(), hyper::Error>>,
 ) {
     let io = hyper_util::rt::TokioIo::new(connect(addr).await);
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .unwrap();
     (sender, tokio::spawn(connection))
 }
 
@@ -483,7 +482,10 @@ fn h2_request(method: &str, path: &str, body: &str) -> http::Request<String> {
     http::Request::builder()
         .method(method)
         .uri(format!("http://x{path}"))
-        .header("authorization", format!("Bearer {}", jwt(common::PRODUCT, common::USER)))
+        .header(
+            "authorization",
+            format!("Bearer {}", jwt(common::PRODUCT, common::USER)),
+        )
         .body(body.to_owned())
         .unwrap()
 }
@@ -534,10 +536,15 @@ async fn a_stream_in_flight_keeps_its_connection_open_past_the_client_timeout() 
         let mut connection = connection;
         // A bounded wait for something that must not happen: the connection ending.
         let ended = tokio::time::timeout(Duration::from_secs(3), &mut connection).await;
-        assert!(ended.is_err(), "the connection ended with a stream in flight: {ended:?}");
+        assert!(
+            ended.is_err(),
+            "the connection ended with a stream in flight: {ended:?}"
+        );
         connection
     };
-    feed.send(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n"))).await.unwrap();
+    feed.send(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .unwrap();
     let frame = tokio::time::timeout(SLACK, http_body_util::BodyExt::frame(&mut body))
         .await
         .expect("the chunk arrives")
@@ -677,7 +684,12 @@ async fn a_chunk_size_over_the_body_limit_gets_413_without_waiting_for_the_chunk
         .await
         .expect("413 without waiting for the declared bytes")
         .unwrap();
-    assert_eq!(status_of(&buf[..n]), Some(413), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(
+        status_of(&buf[..n]),
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
 
     // Chunked bodies within the limit, one request after another on one connection, pass.
     let mut stream = connect(app.addr).await;
@@ -699,7 +711,12 @@ async fn a_chunk_size_over_the_body_limit_gets_413_without_waiting_for_the_chunk
             assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
             response.extend_from_slice(&buf[..n]);
         }
-        assert_eq!(status_of(&response), Some(200), "{}", String::from_utf8_lossy(&response));
+        assert_eq!(
+            status_of(&response),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
     }
     assert_eq!(upstream.last().body, CHAT.as_bytes());
 }

@@ -35,7 +35,9 @@ impl DeclaredTooLarge {
         let mut cause = Some(error);
         while let Some(error) = cause {
             if let Some(io) = error.downcast_ref::<std::io::Error>()
-                && io.get_ref().is_some_and(|inner| inner.is::<Self>())
+                && io
+                    .get_ref()
+                    .is_some_and(<dyn std::error::Error + Send + Sync>::is::<Self>)
             {
                 return true;
             }
@@ -131,7 +133,11 @@ impl Framing {
                 State::Length(left) => {
                     let n = left.min(bytes.len() as u64);
                     bytes = &bytes[usize::try_from(n).unwrap_or(bytes.len())..];
-                    self.state = if n == left { State::Head } else { State::Length(left - n) };
+                    self.state = if n == left {
+                        State::Head
+                    } else {
+                        State::Length(left - n)
+                    };
                 }
                 State::Size { value, digits, ended } => {
                     let b = bytes[0];
@@ -302,7 +308,9 @@ mod tests {
 
     #[test]
     fn bodies_within_the_limit_are_not_flagged() {
-        assert!(!flags(format!("{CHUNKED}64\r\n{}\r\n0\r\n\r\n", "a".repeat(100)).as_bytes()));
+        assert!(!flags(
+            format!("{CHUNKED}64\r\n{}\r\n0\r\n\r\n", "a".repeat(100)).as_bytes()
+        ));
         assert!(!flags(format!("{CHUNKED}0\r\nx-trailer: 1\r\n\r\n").as_bytes()));
         // A Content-Length body whose bytes look like chunk sizes is skipped whole.
         assert!(!flags(b"POST / HTTP/1.1\r\ncontent-length: 9\r\n\r\nFFFFFF\r\n\r\n"));
@@ -315,7 +323,10 @@ mod tests {
         assert!(flags(format!("{first}{second}{CHUNKED}fff\r\n").as_bytes()));
         assert!(!flags(format!("{first}{second}{CHUNKED}5\r\n").as_bytes()));
         // Long request lines: only their version is looked at.
-        let long = format!("POST /v1/chat/completions?{} HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", "q".repeat(300));
+        let long = format!(
+            "POST /v1/chat/completions?{} HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "q".repeat(300)
+        );
         assert!(flags(format!("{long}fff\r\n").as_bytes()));
     }
 
@@ -323,11 +334,11 @@ mod tests {
     fn what_is_not_followed_exactly_is_left_alone() {
         for bytes in [
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nFFFFFF\r\n".to_owned(),
-            format!("POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n"),
-            format!("POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\nFFFFFF\r\n"),
-            format!("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n"),
-            format!("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nFFFFFF\r\n"),
-            format!("POST / HTTP/1.1\r\nx: a\r\n b\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n"),
+            "POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n".to_owned(),
+            "POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\nFFFFFF\r\n".to_owned(),
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n".to_owned(),
+            "POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nFFFFFF\r\n".to_owned(),
+            "POST / HTTP/1.1\r\nx: a\r\n b\r\ntransfer-encoding: chunked\r\n\r\nFFFFFF\r\n".to_owned(),
             format!("{CHUNKED}1234567890abcdef0\r\n"),
         ] {
             assert!(!flags(bytes.as_bytes()), "{bytes}");

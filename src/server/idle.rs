@@ -7,11 +7,11 @@
 //! (not per request) checks the count.
 //!
 //! A request is in flight from the service call until its response body ends or is
-//! dropped ([`InFlight`] is the guard that travels with it). The per-request cost is two
+//! dropped ([`InFlight`] is the guard that travels with it). The per-request cost is a few
 //! atomic operations and, when the last request ends, a clock read: no allocation, no task.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,7 +53,7 @@ impl Activity {
     ///
     /// A request that starts just as this resolves is not cut: the caller ends the
     /// connection gracefully, which lets requests in flight finish.
-    pub(super) async fn idle_for(&self, timeout: Duration, from: Instant) -> () {
+    pub(super) async fn idle_for(&self, timeout: Duration, from: Instant) {
         let mut deadline = from + timeout;
         loop {
             tokio::time::sleep_until(deadline).await;
