@@ -7,10 +7,11 @@
 //! flow-control window is. Bodies are polled inside the task that owns them (the
 //! connection's task for HTTP/1.1, one task per stream for HTTP/2, spawned through
 //! [`Executor`]), so the body tells that task through a thread-local flag, read right
-//! after each poll ([`Stall::poll`]). A write that moves bytes to the client's socket
-//! ([`super::client_io::ClientIo`]) restarts the wait, so a slow reader is not a stalled one. The timer is
-//! armed only while a body waits, once per gap, in the task's own memory: no allocation,
-//! no task, no lock per request.
+//! after each poll ([`Stall::poll`]). Over HTTP/1.1 a write that moves bytes to the
+//! client's socket ([`super::client_io::ClientIo`]) restarts the wait, so a slow reader is
+//! not a stalled one (over HTTP/2 the window it grants gets the body polled again). The
+//! timer is armed only while a body waits, once per gap, in the task's own memory: no
+//! allocation, no task, no lock per request.
 
 use std::cell::Cell;
 use std::future::Future;
