@@ -330,6 +330,41 @@ mod tests {
         assert!(flags(format!("{long}fff\r\n").as_bytes()));
     }
 
+    /// Chunked requests with these chunk sizes, one after another, fed in pieces cut at
+    /// `cuts` (positions modulo the length).
+    fn feed(sizes: &[Vec<usize>], cuts: &[usize]) -> bool {
+        let mut bytes = Vec::new();
+        for request in sizes {
+            bytes.extend_from_slice(CHUNKED.as_bytes());
+            for size in request {
+                bytes.extend_from_slice(format!("{size:X}\r\n{}\r\n", "\r".repeat(*size)).as_bytes());
+            }
+            bytes.extend_from_slice(b"0\r\n\r\n");
+        }
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut framing = Framing::new(LIMIT);
+        let mut from = 0;
+        let mut flagged = false;
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            flagged |= framing.observe(&bytes[from..cut]);
+            from = cut;
+        }
+        flagged
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bodies_are_flagged_exactly_when_their_chunks_add_up_past_the_limit(
+            sizes in proptest::collection::vec(proptest::collection::vec(1usize..60, 0..5), 1..4),
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let over = sizes.iter().any(|r| r.iter().sum::<usize>() > LIMIT);
+            // The observer stops at the first body over the limit, and flags it.
+            proptest::prop_assert_eq!(feed(&sizes, &cuts), over);
+        }
+    }
+
     #[test]
     fn what_is_not_followed_exactly_is_left_alone() {
         for bytes in [
