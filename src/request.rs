@@ -106,8 +106,8 @@ impl From<Forwarded> for Outcome {
 }
 
 /// The whole body, refused with 413 as soon as its declared or actual size is over
-/// `limit` (the declared size is checked before reading a byte), and with 408 when it
-/// takes longer than `timeout`.
+/// `limit` (a `Content-Length` is checked before reading a byte, chunk sizes as they come
+/// in), and with 408 when it takes longer than `timeout`.
 ///
 /// A refusal comes before the body was read to its end: the rest of it may still be on
 /// its way, so the connection cannot carry another request. The answer says
@@ -136,6 +136,9 @@ async fn read(body: Incoming, headers: &HeaderMap, limit: usize, timeout: Durati
         Err(_) => Err(ApiError::RequestTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge),
+        // The listener saw chunk sizes that declare more than the limit (hyper hands the
+        // declared size to nobody): the rest is not waited for.
+        Ok(Err(error)) if crate::server::DeclaredTooLarge::caused(&*error) => Err(ApiError::BodyTooLarge),
         Ok(Err(_)) => Err(ApiError::UnreadableBody),
     }
 }

@@ -1,31 +1,46 @@
 //! The listener: accept loop, connection settings, and the graceful drain.
 //!
 //! hyper's connection builder is used directly (not `axum::serve`) because the contract
-//! needs a header read timeout and a bounded drain on SIGTERM.
+//! needs a header read timeout, a bounded drain on SIGTERM, connections closed when idle
+//! ([`idle`]) and responses cut when their client stops reading ([`stall`]).
 //!
 //! With `METRICS_PORT` set, [`start`] also binds the separate `GET /metrics` listener
 //! ([`crate::metrics`]); it stays up during the drain so a last scrape still works.
 
+mod client_io;
+mod framing;
+mod idle;
+mod stall;
+
+pub use self::framing::DeclaredTooLarge;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use self::client_io::ClientIo;
+use self::idle::{Activity, InFlight};
+use self::stall::Stall;
 use crate::app::{self, App};
 use crate::metrics::{self, MetricsServer};
 use crate::settings::Settings;
+use crate::telemetry::LoggedBody;
 
 /// A server started by [`start`].
 pub struct Running {
@@ -63,7 +78,9 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
     let addr = listener.local_addr()?;
     let metrics = start_metrics(&settings, ip).await?;
     let options = Options {
-        header_timeout: settings.client_timeout,
+        client_timeout: settings.client_timeout,
+        stall_timeout: settings.upstream.idle_timeout,
+        max_body_bytes: settings.max_body_bytes,
         grace: settings.shutdown_grace,
     };
     let app = Arc::new(App::new(settings));
@@ -89,20 +106,30 @@ async fn start_metrics(settings: &Settings, ip: IpAddr) -> io::Result<Option<Met
     }
 }
 
+#[derive(Clone, Copy)]
 struct Options {
-    header_timeout: Duration,
+    /// `CLIENT_TIMEOUT_SECONDS`: for a request head, and for a connection without requests.
+    client_timeout: Duration,
+    /// `UPSTREAM_IDLE_TIMEOUT_SECONDS`: for a response whose client takes nothing.
+    stall_timeout: Duration,
+    max_body_bytes: usize,
     grace: Duration,
 }
 
 async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown: impl Future<Output = ()>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(stall::Executor {
+        idle: options.stall_timeout,
+    });
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_timeout)
+        .header_read_timeout(options.client_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    // Each connection's task holds a receiver: the drain signals them all, then waits
+    // until every one has dropped it.
+    let (drain, draining) = watch::channel(());
 
     tokio::pin!(shutdown);
     loop {
@@ -119,53 +146,129 @@ async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown:
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // hyper's header timeout starts only once it knows the protocol: a client that
-        // sends nothing, or part of an HTTP/2 preface, or only a preface, would hold its
-        // socket forever. The first request head must arrive within the client timeout.
-        let first_request = Arc::new(AtomicBool::new(false));
-        let service = Service {
-            app: Arc::clone(&app),
-            seen: Arc::clone(&first_request),
-        };
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        let header_timeout = options.header_timeout;
-        tokio::spawn(async move {
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = &mut connection => return,
-                () = tokio::time::sleep(header_timeout) => {}
-            }
-            if first_request.load(Ordering::Relaxed) {
-                let _ = connection.await;
-            }
-            // Else the connection is dropped, which closes the socket.
-        });
+        tokio::spawn(connection(
+            Arc::clone(&builder),
+            stream,
+            Arc::clone(&app),
+            options,
+            draining.clone(),
+        ));
     }
     drop(listener);
+    drop(draining);
     tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(options.grace, graceful.shutdown()).await.is_err() {
+    let _ = drain.send(());
+    if tokio::time::timeout(options.grace, drain.closed()).await.is_err() {
         tracing::warn!("grace period over: closing the remaining connections");
     }
 }
 
-/// One connection's service: each request goes to [`app::handle`].
+/// Serves one connection until the client ends it, it stays without a request for the
+/// client timeout, or the server drains.
+async fn connection(
+    builder: Arc<auto::Builder<stall::Executor>>,
+    stream: TcpStream,
+    app: Arc<App>,
+    options: Options,
+    mut draining: watch::Receiver<()>,
+) {
+    let activity = Activity::new();
+    let service = Service {
+        app,
+        activity: Arc::clone(&activity),
+    };
+    let io = TokioIo::new(ClientIo::new(stream, options.max_body_bytes));
+    let mut connection = std::pin::pin!(builder.serve_connection(io, service));
+    // HTTP/1.1 responses are polled in this task: watch them for a client that stopped
+    // reading (HTTP/2 streams have their own tasks, see `stall::Executor`).
+    let mut stall = Stall::new(options.stall_timeout);
+    let mut timer = std::pin::pin!(None);
+    let mut serve = std::future::poll_fn(|cx| stall.poll(connection.as_mut(), timer.as_mut(), cx));
+    tokio::select! {
+        // Ended, or cut by the stall watch (dropping it closes the socket).
+        _ = &mut serve => return,
+        () = activity.idle_for(options.client_timeout, Instant::now()) => {}
+        _ = draining.changed() => {}
+    }
+    drop(serve);
+    // hyper's header timeout starts only once it knows the protocol: a client that sends
+    // nothing, or part of an HTTP/2 preface, or only a preface, gets no graceful goodbye.
+    if !activity.seen() {
+        return;
+    }
+    // HTTP/2: GOAWAY, then the streams in flight finish; HTTP/1.1: closed after the
+    // response in flight. A client that keeps the connection from ending (an HTTP/2
+    // peer that never acknowledges) is dropped once idle for another client timeout.
+    connection.as_mut().graceful_shutdown();
+    let serve = std::future::poll_fn(|cx| stall.poll(connection.as_mut(), timer.as_mut(), cx));
+    tokio::select! {
+        _ = serve => {}
+        () = activity.idle_for(options.client_timeout, Instant::now()) => {}
+    }
+}
+
+/// One connection's service: each request goes to [`app::handle`], counted in flight
+/// until its response body ends.
 #[derive(Clone)]
 struct Service {
     app: Arc<App>,
-    /// Set by the first request, for the first-request-head timer.
-    seen: Arc<AtomicBool>,
+    activity: Arc<Activity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Service {
-    type Response = Response<crate::telemetry::LoggedBody>;
+    type Response = Response<ResponseBody>;
     type Error = std::convert::Infallible;
     type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        self.seen.store(true, Ordering::Relaxed);
+        // Made before the future, so that a request dropped before its answer is counted
+        // out too.
+        let in_flight = self.activity.begin();
         // The future is moved into the box by value: keep it small (see `app::handle`).
-        Box::pin(app::handle(Arc::clone(&self.app), request).map(Ok))
+        Box::pin(app::handle(Arc::clone(&self.app), request).map(move |response| {
+            Ok(response.map(|inner| ResponseBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        }))
+    }
+}
+
+/// The response body as hyper sees it: counts the request in flight until it ends, and
+/// tells the stall watch when it waits for the client.
+struct ResponseBody {
+    inner: LoggedBody,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        stall::body_polled();
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &poll
+            && !self.inner.is_end_stream()
+        {
+            stall::body_waiting();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped inside the task that polled it: that task waits for nobody now.
+        stall::body_polled();
     }
 }
 

@@ -462,3 +462,261 @@ async fn many_connections_at_once_are_all_served() {
     }
     bystander.finish("300 connections at once").await;
 }
+
+/// An HTTP/2 (prior knowledge, clear text) connection to the app: the request sender and
+/// the connection's task, which ends when the server ends the connection.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    JoinHandle<Result<(), hyper::Error>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(connect(addr).await);
+    let (sender, connection) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+fn h2_request(method: &str, path: &str, body: &str) -> http::Request<String> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://x{path}"))
+        .header(
+            "authorization",
+            format!("Bearer {}", jwt(common::PRODUCT, common::USER)),
+        )
+        .body(body.to_owned())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_after_the_client_timeout() {
+    let (app, _upstream) = app().await;
+    let mut connections = Vec::new();
+    for _ in 0..10 {
+        let (mut sender, connection) = h2_connect(app.addr).await;
+        let response = sender.send_request(h2_request("GET", "/health", "")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        connections.push((sender, connection, Instant::now()));
+    }
+    // One request each and then nothing: the server ends every connection.
+    for (_sender, connection, idle_from) in connections {
+        tokio::time::timeout(CLIENT_TIMEOUT + SLACK, connection)
+            .await
+            .expect("the server closes an idle HTTP/2 connection")
+            .unwrap()
+            .unwrap();
+        let elapsed = idle_from.elapsed();
+        assert!(
+            elapsed >= CLIENT_TIMEOUT.checked_sub(Duration::from_millis(200)).unwrap(),
+            "closed after {elapsed:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_flight_keeps_its_connection_open_past_the_client_timeout() {
+    let (upstream, feed) = MockUpstream::driven().await;
+    let app = TestApp::spawn(&upstream.url(), &[("CLIENT_TIMEOUT_SECONDS", "1")]).await;
+    let stream_body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+
+    // HTTP/2: the stream's connection outlives several client timeouts while the stream
+    // is silent, and closes one client timeout after the stream's end.
+    let (mut sender, connection) = h2_connect(app.addr).await;
+    let response = sender
+        .send_request(h2_request("POST", "/v1/chat/completions", stream_body))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (feed, _dropped) = feed.await.unwrap();
+    let mut body = response.into_body();
+    let connection = {
+        let mut connection = connection;
+        // A bounded wait for something that must not happen: the connection ending.
+        let ended = tokio::time::timeout(Duration::from_secs(3), &mut connection).await;
+        assert!(
+            ended.is_err(),
+            "the connection ended with a stream in flight: {ended:?}"
+        );
+        connection
+    };
+    feed.send(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(SLACK, http_body_util::BodyExt::frame(&mut body))
+        .await
+        .expect("the chunk arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame.into_data().unwrap(), "data: [DONE]\n\n");
+    drop(feed);
+    http_body_util::BodyExt::collect(body).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1) + SLACK, connection)
+        .await
+        .expect("closed once idle")
+        .unwrap()
+        .unwrap();
+}
+
+/// A socket to `addr` whose receive buffer is as small as the system allows.
+async fn connect_small_buffer(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// An upstream that streams 16 KiB events for as long as someone takes them, and says
+/// when the proxy dropped its response body.
+async fn endless_upstream() -> (MockUpstream, tokio::sync::oneshot::Receiver<()>) {
+    let (upstream, feed) = MockUpstream::driven().await;
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((feed, dropped)) = feed.await else { return };
+        let event = bytes::Bytes::from(format!("data: {}\n\n", "x".repeat(16 * 1024)));
+        // Bounded: at most 4 GiB, far more than any socket buffers (the send fails as soon
+        // as the proxy drops the body).
+        for _ in 0..(1 << 18) {
+            if feed.send(Ok(event.clone())).await.is_err() {
+                break;
+            }
+        }
+        let _ = dropped.await;
+        let _ = dropped_tx.send(());
+    });
+    (upstream, dropped_rx)
+}
+
+const STREAM_CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_the_upstream_idle_timeout() {
+    let (upstream, dropped) = endless_upstream().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("CLIENT_TIMEOUT_SECONDS", "2"), ("UPSTREAM_IDLE_TIMEOUT_SECONDS", "1")],
+    )
+    .await;
+    let mut stream = connect_small_buffer(app.addr).await;
+    let mut request = chat_head(STREAM_CHAT.len()).into_bytes();
+    request.extend_from_slice(STREAM_CHAT.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    // The client reads nothing: once the socket buffers are full the proxy stops, and one
+    // idle timeout later it drops the response, which ends the upstream call.
+    tokio::time::timeout(Duration::from_secs(15), dropped)
+        .await
+        .expect("the upstream call is cancelled")
+        .unwrap();
+    let (response, _) = read_until_closed(&mut stream, Duration::from_secs(15)).await;
+    let text = String::from_utf8_lossy(&response[..response.len().min(200)]).into_owned();
+    assert_eq!(status_of(&response), Some(200), "{text}");
+    // Cut without a clean end: no last chunk.
+    assert!(!response.ends_with(b"0\r\n\r\n"), "the stream ended cleanly");
+    assert!(upstream.connections() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_a_stream_is_cut_after_the_upstream_idle_timeout() {
+    let (upstream, dropped) = endless_upstream().await;
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("CLIENT_TIMEOUT_SECONDS", "2"), ("UPSTREAM_IDLE_TIMEOUT_SECONDS", "1")],
+    )
+    .await;
+    let (mut sender, _connection) = h2_connect(app.addr).await;
+    let response = sender
+        .send_request(h2_request("POST", "/v1/chat/completions", STREAM_CHAT))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The body is never read: its flow-control window fills and the proxy stops sending.
+    let body = response.into_body();
+    tokio::time::timeout(Duration::from_secs(15), dropped)
+        .await
+        .expect("the upstream call is cancelled")
+        .unwrap();
+    // The stream was reset, not ended: reading what is left ends in an error.
+    let end = tokio::time::timeout(SLACK, http_body_util::BodyExt::collect(body))
+        .await
+        .expect("the stream ends");
+    assert!(end.is_err(), "the stream ended cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_size_over_the_body_limit_gets_413_without_waiting_for_the_chunk() {
+    let upstream = MockUpstream::openai().await;
+    // A client timeout far longer than the wait below: a 408 cannot be what answers.
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[("CLIENT_TIMEOUT_SECONDS", "20"), ("MAX_BODY_BYTES", "1000")],
+    )
+    .await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        jwt(common::PRODUCT, common::USER)
+    );
+    // One chunk that alone declares 1001 bytes; several that add up to more; and the
+    // size line sent after the head, on its own.
+    let bodies = [
+        format!("{:x}\r\n{{\"mo", 1001),
+        format!("{:x}\r\n{}\r\n{:x}\r\nxy", 600, " ".repeat(600), 401),
+    ];
+    for body in &bodies {
+        let mut stream = connect(app.addr).await;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("413 without waiting for the declared bytes")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert_eq!(status_of(&buf[..n]), Some(413), "{body:?}: {text}");
+        assert!(text.contains("body_too_large"), "{text}");
+    }
+    let mut stream = connect(app.addr).await;
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream.write_all(b"3e9\r\n").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("413 without waiting for the declared bytes")
+        .unwrap();
+    assert_eq!(
+        status_of(&buf[..n]),
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // Chunked bodies within the limit, one request after another on one connection, pass.
+    let mut stream = connect(app.addr).await;
+    for _ in 0..2 {
+        let (first, rest) = CHAT.split_at(10);
+        let request = format!(
+            "{head}{:x}\r\n{first}\r\n{:x};ext=1\r\n{rest}\r\n0\r\n\r\n",
+            first.len(),
+            rest.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&response).contains("chatcmpl-1") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            status_of(&response),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+    assert_eq!(upstream.last().body, CHAT.as_bytes());
+}
