@@ -438,9 +438,7 @@ impl Env<'_> {
         }
         let mut keys = HashMap::with_capacity(map.len());
         for (product, key) in map {
-            if product.is_empty() {
-                return Err(SettingsError::new(NAME, "a product id is empty"));
-            }
+            check_id(NAME, "product", &product)?;
             // Visible ASCII and spaces only: anything else cannot travel in a header, and
             // finding that out on the first request would be too late.
             let valid = !key.trim().is_empty() && key.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
@@ -488,9 +486,7 @@ impl Env<'_> {
             .unwrap_or_default();
         let mut secrets = HashMap::with_capacity(raw.len());
         for (client, secret) in raw {
-            if client.is_empty() {
-                return Err(SettingsError::new(SECRETS, "a client id is empty"));
-            }
+            check_id(SECRETS, "client", &client)?;
             if secret.len() < 32 {
                 return Err(SettingsError::new(
                     SECRETS,
@@ -505,6 +501,10 @@ impl Env<'_> {
             .map(|map| {
                 map.into_iter()
                     .map(|(client, list)| {
+                        check_id(PRODUCTS, "client", &client)?;
+                        for product in &list {
+                            check_id(PRODUCTS, "product", product)?;
+                        }
                         if !secrets.contains_key(&client) {
                             return Err(SettingsError::new(
                                 PRODUCTS,
@@ -641,6 +641,7 @@ impl Env<'_> {
             .unwrap_or_default()
             .into_iter()
             .map(|(id, limits)| {
+                check_id(name, what, &id)?;
                 if !known(&id) {
                     return Err(SettingsError::new(
                         name,
@@ -707,6 +708,22 @@ impl LimitsOverride {
             daily_quota,
         })
     }
+}
+
+/// An id (a key of an id map, or a product in `CLIENT_PRODUCTS`) must be 1 to
+/// [`MAX_ID_BYTES`](crate::auth::MAX_ID_BYTES) bytes, as in requests. The error does not
+/// quote the id: a 400 KB one would make a 400 KB log line.
+fn check_id(name: &str, what: &str, id: &str) -> Result<(), SettingsError> {
+    if id.is_empty() {
+        return Err(SettingsError::new(name, format!("a {what} id is empty")));
+    }
+    if !crate::auth::is_valid_id(id) {
+        return Err(SettingsError::new(
+            name,
+            format!("a {what} id is longer than {} bytes", crate::auth::MAX_ID_BYTES),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_rate(v: &str) -> Option<f64> {
@@ -900,6 +917,29 @@ mod tests {
         let limits = s.limits.for_product("app");
         assert_eq!(limits.capacity.get(), 3);
         assert_eq!(limits.daily_quota.get(), 200_000);
+    }
+
+    #[test]
+    fn ids_of_256_bytes_are_accepted_and_longer_ones_refused_unquoted() {
+        let id = "i".repeat(256);
+        let keys = format!(r#"{{"{id}":"sk-test"}}"#);
+        let limits = format!(r#"{{"{id}":{{"capacity":1}}}}"#);
+        let pairs = [
+            ("PRODUCT_KEYS", keys.as_str()),
+            ("CLIENT_HMAC_SECRETS", r#"{"desk":"0123456789abcdef0123456789abcdef"}"#),
+            ("PRODUCT_LIMITS", limits.as_str()),
+        ];
+        let s = Settings::from_lookup(lookup(&pairs)).expect("256-byte ids are valid");
+        assert_eq!(s.limits.for_product(&id).capacity.get(), 1);
+        let long = "i".repeat(257);
+        let keys = format!(r#"{{"{long}":"sk-test"}}"#);
+        let pairs = [
+            ("PRODUCT_KEYS", keys.as_str()),
+            ("CLIENT_HMAC_SECRETS", r#"{"desk":"0123456789abcdef0123456789abcdef"}"#),
+        ];
+        let error = Settings::from_lookup(lookup(&pairs)).expect_err("a 257-byte id is refused");
+        assert_eq!(error.variable, "API_KEY_SERVER_PRODUCT_KEYS");
+        assert!(!error.to_string().contains(&long), "{error}");
     }
 
     #[test]

@@ -623,3 +623,21 @@ async fn models_need_a_valid_token_too() {
     assert_401(response, "invalid_token").await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn ids_are_1_to_256_bytes() {
+    let (upstream, app) = start(&[]).await;
+    let now = now();
+    let token = |sub: &str, product: &str| {
+        jwt_claims(&json!({"sub": sub, "product": product, "iat": now, "exp": now + 300}))
+    };
+    let at_bound = "u".repeat(256);
+    assert_eq!(with_token(&app, &token(&at_bound, PRODUCT)).await.status(), 200);
+    assert_eq!(upstream.requests().len(), 1);
+    assert_invalid(&app, &token(&"u".repeat(257), PRODUCT)).await;
+    assert_invalid(&app, &token("", PRODUCT)).await;
+    // A product id past the bound is malformed (401), not merely unknown (403).
+    assert_invalid(&app, &token(USER, &"p".repeat(257))).await;
+    assert_eq!(upstream.requests().len(), 1);
+    app.shutdown().await;
+}

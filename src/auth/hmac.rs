@@ -133,12 +133,15 @@ impl HmacVerifier {
             None if self.require_nonce => return Err(AuthError::InvalidSignature),
             None => "",
         };
+        // Ids longer than the contract's bound are malformed headers, refused before any
+        // work: they would otherwise grow the limiter's memory and every log line.
+        let id = |name: &str| required(name).and_then(|v| if super::is_valid_id(v) { Ok(v) } else { Err(AuthError::InvalidSignature) });
         Ok(Signed {
-            client: required("x-client-id")?,
+            client: id("x-client-id")?,
             timestamp: required("x-timestamp")?,
             nonce,
-            product: required("x-product-id")?,
-            user: required("x-user-id")?,
+            product: id("x-product-id")?,
+            user: id("x-user-id")?,
             signature: required("x-signature")?,
         })
     }

@@ -160,7 +160,7 @@ impl JwtVerifier {
         else {
             return Err(AuthError::InvalidToken);
         };
-        if user.is_empty() {
+        if !super::is_valid_id(&user) || !super::is_valid_id(&product) {
             return Err(AuthError::InvalidToken);
         }
         self.check_times(now, exp, iat, claims.nbf)?;
