@@ -641,3 +641,48 @@ async fn ids_are_1_to_256_bytes() {
     assert_eq!(upstream.requests().len(), 1);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn claims_that_are_not_a_json_object_are_refused() {
+    let (upstream, app) = start(&[]).await;
+    let now = now();
+    // serde reads an array as a struct's fields in order: the one shape that would pass.
+    let array = json!([USER, PRODUCT, now + 300, now, null]);
+    for claims in [array, json!("alice"), json!(42), json!(null)] {
+        assert_invalid(&app, &jwt_claims(&claims)).await;
+    }
+    assert!(upstream.requests().is_empty());
+    app.shutdown().await;
+}
+
+/// A token whose header is exactly `header` (JSON text), validly signed with the test key.
+fn token_with_raw_header(header: &Value, claims: &Value) -> String {
+    let message = format!("{}.{}", b64(header), b64(claims));
+    let key = EncodingKey::from_rsa_pem(fixture("jwt-private.pem").as_bytes()).unwrap();
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::RS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+#[tokio::test]
+async fn a_header_with_crit_is_refused() {
+    let (upstream, app) = start(&[]).await;
+    // The same header without `crit` passes: the refusal is for `crit` alone.
+    let plain = json!({"alg": "RS256", "typ": "JWT", "kid": KID});
+    assert_eq!(with_token(&app, &token_with_raw_header(&plain, &claims())).await.status(), 200);
+    for crit in [json!(["exp"]), json!(["b64"]), json!([]), json!(null)] {
+        let mut header = plain.clone();
+        header["crit"] = crit;
+        if header["crit"] == json!(["b64"]) {
+            header["b64"] = json!(true);
+        }
+        assert_invalid(&app, &token_with_raw_header(&header, &claims())).await;
+    }
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(KID.to_owned());
+    header.crit = Some(vec!["exp".to_owned()]);
+    assert_invalid(&app, &sign_jwt(&header, &claims(), "jwt-private.pem")).await;
+    // A header that is not a JSON object at all.
+    assert_invalid(&app, &token_with_raw_header(&json!(["RS256", KID]), &claims())).await;
+    assert_eq!(upstream.requests().len(), 1);
+    app.shutdown().await;
+}

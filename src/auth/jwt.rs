@@ -6,12 +6,17 @@
 //! because jsonwebtoken reads them as integers and never looks at `iat`.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use http::{HeaderMap, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
 use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
@@ -71,6 +76,49 @@ fn der_push(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
         out.extend_from_slice(&bytes[skip..]);
     }
     out.extend_from_slice(content);
+}
+
+/// `T` read only from a JSON object. serde's derived `Deserialize` also accepts an array
+/// of the fields in order, so `["alice","demo",...]` would pass as claims (contract:
+/// claims that are not an object are 401).
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Visitor(PhantomData)).map(Object)
+    }
+}
+
+/// The JOSE header fields this service reads. jsonwebtoken's `Header` reads `"crit": null`
+/// as no `crit` at all; here any `crit` member counts.
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// True for a member that is present, whatever its value (`null` included).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    de::IgnoredAny::deserialize(deserializer).map(|_| true)
+}
+
+/// The header of `token`, if it is a JSON object.
+fn jose_header(token: &str) -> Option<JoseHeader> {
+    let (encoded, _) = token.split_once('.')?;
+    let json = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+    serde_json::from_slice::<Object<JoseHeader>>(&json).ok().map(|h| h.0)
 }
 
 /// The claims this service reads. Numbers are `f64`: a `NumericDate` may be fractional.
@@ -143,8 +191,11 @@ impl JwtVerifier {
             });
         }
 
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken)?;
-        if header.alg != Algorithm::RS256 {
+        // jsonwebtoken checks `alg` again against the validation's list; `crit` it ignores:
+        // no extension is understood here, so a header that names one is refused
+        // (RFC 7515 4.1.11).
+        let header = jose_header(token).ok_or(AuthError::InvalidToken)?;
+        if header.alg.as_deref() != Some("RS256") || header.crit {
             return Err(AuthError::InvalidToken);
         }
         let key = header
@@ -152,7 +203,7 @@ impl JwtVerifier {
             .as_deref()
             .and_then(|kid| self.keys.get(kid))
             .ok_or(AuthError::InvalidToken)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+        let Object(claims) = jsonwebtoken::decode::<Object<Claims>>(token, key, &self.validation)
             .map_err(|_| AuthError::InvalidToken)?
             .claims;
 
