@@ -7,13 +7,20 @@
 //! under one short std `Mutex` per shard, so of concurrent claims of one nonce exactly one
 //! is fresh; no lock is held across an `.await`.
 //!
+//! A nonce accepted from memory while Redis was unavailable is not in Redis: once Redis
+//! answers again it would call that nonce new. So while the memory store still holds
+//! nonces inside their window, a nonce Redis calls new is looked up in memory too, and
+//! refused if memory accepted it (contract: it "stays refused for its window on that
+//! instance after Redis is back"). Without an outage memory holds nothing and is not
+//! asked.
+//!
 //! Expired entries are swept lazily, on the claims that touch their shard, never by a
 //! background task: Cloud Run throttles the CPU between requests, so a timer would barely
 //! run, while every claim runs with CPU.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -52,6 +59,7 @@ impl NonceStore {
         if let Some(store) = &self.store {
             // Boxed: a Redis call's future is large, and without Redis it is never made.
             match Box::pin(store.claim_nonce(client, nonce, ttl)).await {
+                Some(true) if self.memory.remembers(client, nonce) => return Claim::Replayed,
                 Some(true) => return Claim::Fresh,
                 Some(false) => return Claim::Replayed,
                 // Redis is absent, slow or down: memory decides (contract: never unchecked).
@@ -83,6 +91,12 @@ pub(crate) struct MemoryNonces {
     len: AtomicUsize,
     capacity: usize,
     clock: Clock,
+    /// The clock's reading at creation: the origin of `latest_expiry_us`.
+    origin: Instant,
+    /// When the last-expiring entry expires, in microseconds after `origin` (0: never held
+    /// one). Past it the store holds nothing that counts, and [`MemoryNonces::remembers`]
+    /// answers without a lock.
+    latest_expiry_us: AtomicU64,
 }
 
 #[derive(Default)]
@@ -111,12 +125,28 @@ impl Shard {
 
 impl MemoryNonces {
     pub(crate) fn new(capacity: usize, clock: Clock) -> Self {
+        let origin = clock();
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             len: AtomicUsize::new(0),
             capacity,
             clock,
+            origin,
+            latest_expiry_us: AtomicU64::new(0),
         }
+    }
+
+    /// True when `nonce` of `client` was claimed here and is still inside its window.
+    pub(crate) fn remembers(&self, client: &str, nonce: &str) -> bool {
+        let now = (self.clock)();
+        if micros_since(self.origin, now) >= self.latest_expiry_us.load(Ordering::Acquire) {
+            return false;
+        }
+        let key = key(client, nonce);
+        let mut shard = lock(&self.shards[usize::from(key[0]) % SHARDS]);
+        let removed = shard.sweep(now);
+        self.len.fetch_sub(removed, Ordering::AcqRel);
+        shard.expiry.contains_key(&key)
     }
 
     /// The whole check-and-insert, synchronous: nothing here waits.
@@ -156,6 +186,8 @@ impl MemoryNonces {
         let at = now + ttl.min(MAX_TTL);
         shard.expiry.insert(key, at);
         shard.queue.push(Reverse((at, key)));
+        self.latest_expiry_us
+            .fetch_max(micros_since(self.origin, at), Ordering::AcqRel);
         Some(Claim::Fresh)
     }
 
@@ -163,6 +195,11 @@ impl MemoryNonces {
     fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
+}
+
+/// Microseconds from `origin` to `at` (0 when `at` is earlier).
+fn micros_since(origin: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX)
 }
 
 fn key(client: &str, nonce: &str) -> Key {
@@ -181,8 +218,6 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
-
     use super::*;
 
     /// A clock that moves only when the test says so.
@@ -344,6 +379,19 @@ mod tests {
         let fresh: usize = threads.into_iter().map(|t| t.join().expect("no claim panics")).sum();
         assert_eq!(fresh, 100);
         assert_eq!(store.len(), 100);
+    }
+
+    #[test]
+    fn remembers_answers_for_nonces_inside_their_window_only() {
+        let clock = ManualClock::new();
+        let store = MemoryNonces::new(10, clock.as_clock());
+        assert!(!store.remembers("desk", "nonce-0000000001"));
+        assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
+        assert!(store.remembers("desk", "nonce-0000000001"));
+        assert!(!store.remembers("desk", "nonce-0000000002"));
+        assert!(!store.remembers("mobile", "nonce-0000000001"));
+        clock.advance(TTL);
+        assert!(!store.remembers("desk", "nonce-0000000001"));
     }
 
     #[tokio::test]
