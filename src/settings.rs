@@ -570,16 +570,7 @@ impl Env<'_> {
 
     fn redis(&self) -> Result<Option<RedisSettings>, SettingsError> {
         let cluster = self.bool("REDIS_CLUSTER", false)?;
-        let ca_cert = self.parse("REDIS_CA_CERT", |v| {
-            let pem = v.as_bytes();
-            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| "expected PEM certificates".to_owned())?;
-            if certs.is_empty() {
-                return Err("expected at least one PEM certificate".to_owned());
-            }
-            Ok(pem.to_vec())
-        })?;
+        let ca_cert = self.parse("REDIS_CA_CERT", parse_ca_cert)?;
         let prefix = self
             .string("REDIS_PREFIX")
             .unwrap_or_else(|| "api-key-server".to_owned());
@@ -724,6 +715,23 @@ fn check_id(name: &str, what: &str, id: &str) -> Result<(), SettingsError> {
         ));
     }
     Ok(())
+}
+
+/// `REDIS_CA_CERT`: PEM holding at least one certificate, each of which parses as an
+/// X.509 trust anchor. Checked here because the Redis client finds out only when it
+/// connects, and a Redis it cannot trust means limits and nonces in memory for good.
+fn parse_ca_cert(v: &str) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(v.as_bytes()) {
+        let cert = cert.map_err(|_| "expected PEM certificates".to_owned())?;
+        roots
+            .add(cert)
+            .map_err(|_| "holds a certificate that does not parse as X.509".to_owned())?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (\"BEGIN CERTIFICATE\")".to_owned());
+    }
+    Ok(v.as_bytes().to_vec())
 }
 
 fn parse_rate(v: &str) -> Option<f64> {

@@ -298,3 +298,33 @@ async fn the_drain_ends_after_the_grace_period() {
         "exited after the grace period, not the stream's end"
     );
 }
+
+#[tokio::test]
+async fn a_redis_ca_cert_without_a_parsable_certificate_exits_2() {
+    let upstream = "http://127.0.0.1:9/v1/chat/completions";
+    let key_body = |fixture: &str| {
+        common::fixture(fixture)
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let as_certificate = |body: &str| format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+    let cases = [
+        // Valid base64, not DER at all.
+        as_certificate("AAAA"),
+        // DER, but a public key rather than a certificate.
+        as_certificate(&key_body("jwt-public.pem")),
+        // PEM with no certificate in it.
+        common::fixture("jwt-public.pem"),
+        common::fixture("jwt-private.pem"),
+        // Not PEM.
+        "x".to_owned(),
+    ];
+    for ca in cases {
+        let mut env = base_env(upstream);
+        set(&mut env, "REDIS_URL", "rediss://:SECRETVALUE@127.0.0.1:6380");
+        set(&mut env, "REDIS_CA_CERT", &ca);
+        assert_refused(&env, "API_KEY_SERVER_REDIS_CA_CERT", &["SECRETVALUE", "AAAA"]).await;
+    }
+}
