@@ -122,8 +122,8 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(settings: &Settings, store: Option<Arc<Store>>) -> Self {
         Self {
-            jwt: jwt::JwtVerifier::new(&settings.jwt, &settings.product_keys),
-            hmac: hmac::HmacVerifier::new(&settings.hmac, &settings.product_keys, store),
+            jwt: jwt::JwtVerifier::with_clock(&settings.jwt, &settings.product_keys, settings.clock.clone()),
+            hmac: hmac::HmacVerifier::with_clock(&settings.hmac, &settings.product_keys, store, settings.clock.clone()),
         }
     }
 

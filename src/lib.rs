@@ -11,12 +11,14 @@
 //! - [`error`] turns every failure into the contract's error envelope.
 //!
 //! [`metrics`] counts requests, upstream latency and limiter decisions for Prometheus.
-//! [`settings`] reads the environment once at startup; [`cli`] holds the `dev`,
+//! [`clock`] is the one time source of the auth checks and the limiter, so tests can move
+//! it. [`settings`] reads the environment once at startup; [`cli`] holds the `dev`,
 //! `mint-jwt` and `sign` subcommands.
 
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod error;
 pub mod limit;
 pub mod metrics;

@@ -16,6 +16,8 @@ use jsonwebtoken::DecodingKey;
 use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
+use crate::clock::Clock;
+
 /// Prefix of every variable this service reads (except `PORT`, which Cloud Run sets).
 pub const PREFIX: &str = "API_KEY_SERVER_";
 
@@ -256,6 +258,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub gcp_project_id: Option<String>,
     pub metrics_port: Option<u16>,
+    /// Not a variable: the time JWT and HMAC checks, nonces and in-memory limits are
+    /// decided at. The system's; tests that run the server in-process put in a
+    /// [`ManualClock`](crate::clock::ManualClock) to see expiry without waiting for it.
+    pub clock: Clock,
 }
 
 /// What [`Settings::from_lookup`] found besides the settings themselves.
@@ -348,6 +354,7 @@ impl Settings {
             log_format,
             gcp_project_id,
             metrics_port,
+            clock: Clock::system(),
         })
     }
 }

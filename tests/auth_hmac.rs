@@ -584,7 +584,11 @@ async fn ids_are_1_to_256_bytes() {
     let at_bound = "u".repeat(256);
     assert_eq!(send(&app, &sign(CLIENT, PRODUCT, &at_bound), CHAT).await.status(), 200);
     let long = "u".repeat(257);
-    assert_401(send(&app, &sign(CLIENT, PRODUCT, &long), CHAT).await, "invalid_signature").await;
+    assert_401(
+        send(&app, &sign(CLIENT, PRODUCT, &long), CHAT).await,
+        "invalid_signature",
+    )
+    .await;
     // Malformed (401) rather than an unknown product (403).
     assert_401(send(&app, &sign(CLIENT, &long, USER), CHAT).await, "invalid_signature").await;
     assert_401(send(&app, &sign(&long, PRODUCT, USER), CHAT).await, "invalid_signature").await;
@@ -626,4 +630,37 @@ async fn a_huge_user_id_is_refused_by_the_binary_and_never_logged() {
     assert!(output.contains("invalid_signature"), "the refusal is logged");
     assert!(!output.contains(&"u".repeat(257)), "the long id is not logged");
     assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn the_timestamp_window_follows_the_servers_clock() {
+    let upstream = MockUpstream::openai().await;
+    let clock = api_key_server::clock::ManualClock::new();
+    let app = TestApp::spawn_with_clock(
+        &upstream.url(),
+        &[("HMAC_CLOCK_TOLERANCE_SECONDS", "60")],
+        clock.clock(),
+    )
+    .await;
+    let signed_at = clock.clock().wall().as_secs();
+    let sign = || {
+        hmac_sign(
+            HMAC_SECRET,
+            "POST",
+            PATH,
+            CLIENT,
+            PRODUCT,
+            USER,
+            Some(&nonce()),
+            signed_at,
+            CHAT.as_bytes(),
+        )
+    };
+    assert_eq!(send(&app, &sign(), CHAT).await.status(), 200);
+    // The server's clock decides, whatever the test machine's says.
+    clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(send(&app, &sign(), CHAT).await.status(), 200);
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_401(send(&app, &sign(), CHAT).await, "timestamp_out_of_range").await;
+    app.shutdown().await;
 }

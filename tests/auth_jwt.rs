@@ -7,6 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use api_key_server::clock::ManualClock;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{CHAT, KID, MockUpstream, PRODUCT, PRODUCT_KEY, TestApp, USER, fixture, jwt, jwt_claims, now, sign_jwt};
@@ -237,12 +238,20 @@ async fn expiry_within_the_leeway_is_accepted() {
 
 #[tokio::test]
 async fn a_cached_token_still_expires() {
-    let (_upstream, app) = start(&[("JWT_LEEWAY_SECONDS", "0")]).await;
+    let upstream = MockUpstream::openai().await;
+    // On a whole second, so that `exp` falls exactly on a reading of the clock.
     let now = now();
+    let clock = ManualClock::at(std::time::Duration::from_secs(now));
+    let app = TestApp::spawn_with_clock(&upstream.url(), &[("JWT_LEEWAY_SECONDS", "0")], clock.clock()).await;
     let token = jwt_claims(&json!({"sub": USER, "product": PRODUCT, "iat": now, "exp": now + 2}));
     assert_eq!(with_token(&app, &token).await.status(), 200);
-    // Wait for the clock, not for the server: bounded, and the only way time passes.
-    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    clock.advance(std::time::Duration::from_secs(2));
+    assert_eq!(
+        with_token(&app, &token).await.status(),
+        200,
+        "exp itself is still valid"
+    );
+    clock.advance(std::time::Duration::from_millis(1));
     assert_401(with_token(&app, &token).await, "token_expired").await;
     app.shutdown().await;
 }
@@ -628,9 +637,8 @@ async fn models_need_a_valid_token_too() {
 async fn ids_are_1_to_256_bytes() {
     let (upstream, app) = start(&[]).await;
     let now = now();
-    let token = |sub: &str, product: &str| {
-        jwt_claims(&json!({"sub": sub, "product": product, "iat": now, "exp": now + 300}))
-    };
+    let token =
+        |sub: &str, product: &str| jwt_claims(&json!({"sub": sub, "product": product, "iat": now, "exp": now + 300}));
     let at_bound = "u".repeat(256);
     assert_eq!(with_token(&app, &token(&at_bound, PRODUCT)).await.status(), 200);
     assert_eq!(upstream.requests().len(), 1);
@@ -668,7 +676,12 @@ async fn a_header_with_crit_is_refused() {
     let (upstream, app) = start(&[]).await;
     // The same header without `crit` passes: the refusal is for `crit` alone.
     let plain = json!({"alg": "RS256", "typ": "JWT", "kid": KID});
-    assert_eq!(with_token(&app, &token_with_raw_header(&plain, &claims())).await.status(), 200);
+    assert_eq!(
+        with_token(&app, &token_with_raw_header(&plain, &claims()))
+            .await
+            .status(),
+        200
+    );
     for crit in [json!(["exp"]), json!(["b64"]), json!([]), json!(null)] {
         let mut header = plain.clone();
         header["crit"] = crit;

@@ -9,7 +9,6 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,6 +19,7 @@ use serde::{Deserialize, Deserializer, de};
 
 use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
+use crate::clock::Clock;
 use crate::settings::{JwtSettings, Secret};
 
 /// Tokens longer than this are refused before any parsing: a real client token is well
@@ -139,10 +139,16 @@ pub struct JwtVerifier {
     leeway: f64,
     /// Tokens that verified, so a token sent again costs a hash, not an RSA verification.
     cache: TokenCache,
+    clock: Clock,
 }
 
 impl JwtVerifier {
     pub fn new(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>) -> Self {
+        Self::with_clock(settings, products, Clock::system())
+    }
+
+    /// As [`JwtVerifier::new`], time claims checked against `clock`.
+    pub fn with_clock(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>, clock: Clock) -> Self {
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = vec![Algorithm::RS256];
         // Time claims are ours (fractional, and `iat` too); jsonwebtoken would read them
@@ -172,6 +178,7 @@ impl JwtVerifier {
             max_ttl: settings.max_ttl.as_secs_f64(),
             leeway: settings.leeway.as_secs_f64(),
             cache: TokenCache::default(),
+            clock,
         }
     }
 
@@ -181,7 +188,7 @@ impl JwtVerifier {
             return Err(AuthError::InvalidToken);
         };
         let token = bearer_token(value).ok_or(AuthError::InvalidToken)?;
-        let now = now();
+        let now = self.clock.unix_seconds();
         // Only verified tokens are cached; `exp` and `nbf` are checked again on every hit.
         if let Some(hit) = self.cache.get(token, now, self.leeway) {
             return Ok(Identity {
@@ -258,13 +265,6 @@ fn bearer_token(value: &HeaderValue) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_TOKEN_BYTES).then_some(token)
-}
-
-/// Unix time in seconds, fractional.
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::clock::Clock;
 use crate::store::Store;
 
 /// The outcome of claiming a nonce.
@@ -46,10 +47,11 @@ pub struct NonceStore {
 }
 
 impl NonceStore {
-    /// A store that holds at most `capacity` nonces in memory.
-    pub fn new(capacity: usize, store: Option<Arc<Store>>) -> Self {
+    /// A store that holds at most `capacity` nonces in memory, its windows timed by
+    /// `clock`'s monotonic instants.
+    pub fn new(capacity: usize, store: Option<Arc<Store>>, clock: Clock) -> Self {
         Self {
-            memory: MemoryNonces::new(capacity, Arc::new(Instant::now)),
+            memory: MemoryNonces::new(capacity, clock),
             store,
         }
     }
@@ -69,9 +71,6 @@ impl NonceStore {
         self.memory.claim(client, nonce, ttl)
     }
 }
-
-/// The clock of the memory store; tests inject one they move by hand.
-pub(crate) type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 /// Enough shards that two cores (or twenty) rarely wait on each other.
 const SHARDS: usize = 32;
@@ -125,7 +124,7 @@ impl Shard {
 
 impl MemoryNonces {
     pub(crate) fn new(capacity: usize, clock: Clock) -> Self {
-        let origin = clock();
+        let origin = clock.instant();
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             len: AtomicUsize::new(0),
@@ -138,7 +137,7 @@ impl MemoryNonces {
 
     /// True when `nonce` of `client` was claimed here and is still inside its window.
     pub(crate) fn remembers(&self, client: &str, nonce: &str) -> bool {
-        let now = (self.clock)();
+        let now = self.clock.instant();
         if micros_since(self.origin, now) >= self.latest_expiry_us.load(Ordering::Acquire) {
             return false;
         }
@@ -159,7 +158,7 @@ impl MemoryNonces {
         }
         // Full: other shards may hold expired entries nobody has touched since. Sweep them
         // one lock at a time (never two locks at once), then retry once.
-        let now = (self.clock)();
+        let now = self.clock.instant();
         for other in &self.shards {
             let removed = lock(other).sweep(now);
             self.len.fetch_sub(removed, Ordering::AcqRel);
@@ -170,7 +169,7 @@ impl MemoryNonces {
     /// `None` when the store is full.
     fn try_claim(&self, shard: &Mutex<Shard>, key: Key, ttl: Duration) -> Option<Claim> {
         let mut shard = lock(shard);
-        let now = (self.clock)();
+        let now = self.clock.instant();
         let removed = shard.sweep(now);
         self.len.fetch_sub(removed, Ordering::AcqRel);
         if shard.expiry.contains_key(&key) {
@@ -219,40 +218,14 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A clock that moves only when the test says so.
-    struct ManualClock {
-        origin: Instant,
-        millis: AtomicU64,
-    }
-
-    impl ManualClock {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                origin: Instant::now(),
-                millis: AtomicU64::new(0),
-            })
-        }
-
-        fn advance(&self, by: Duration) {
-            self.millis.fetch_add(
-                u64::try_from(by.as_millis()).expect("test durations fit"),
-                Ordering::SeqCst,
-            );
-        }
-
-        fn as_clock(self: &Arc<Self>) -> Clock {
-            let clock = self.clone();
-            Arc::new(move || clock.origin + Duration::from_millis(clock.millis.load(Ordering::SeqCst)))
-        }
-    }
+    use crate::clock::ManualClock;
 
     const TTL: Duration = Duration::from_secs(600);
 
     #[test]
     fn a_nonce_is_fresh_once_then_replayed() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(10, clock.as_clock());
+        let store = MemoryNonces::new(10, clock.clock());
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Replayed);
         clock.advance(Duration::from_secs(599));
@@ -261,7 +234,7 @@ mod tests {
 
     #[test]
     fn nonces_are_kept_per_client() {
-        let store = MemoryNonces::new(10, ManualClock::new().as_clock());
+        let store = MemoryNonces::new(10, ManualClock::new().clock());
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
         assert_eq!(store.claim("mobile", "nonce-0000000001", TTL), Claim::Fresh);
         // The length prefix keeps ("ab", "c...") and ("a", "bc...") apart.
@@ -272,7 +245,7 @@ mod tests {
     #[test]
     fn a_nonce_is_forgotten_once_its_ttl_passed() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(10, clock.as_clock());
+        let store = MemoryNonces::new(10, clock.clock());
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
         clock.advance(TTL);
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
@@ -282,7 +255,7 @@ mod tests {
     #[test]
     fn a_full_store_answers_full_and_never_accepts_unchecked() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(3, clock.as_clock());
+        let store = MemoryNonces::new(3, clock.clock());
         for i in 0..3 {
             assert_eq!(store.claim("desk", &format!("nonce-{i:012}"), TTL), Claim::Fresh);
         }
@@ -296,7 +269,7 @@ mod tests {
     #[test]
     fn a_full_store_makes_room_by_forgetting_expired_nonces_of_any_shard() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(50, clock.as_clock());
+        let store = MemoryNonces::new(50, clock.clock());
         for i in 0..50 {
             assert_eq!(
                 store.claim("desk", &format!("nonce-{i:012}"), Duration::from_secs(10)),
@@ -316,7 +289,7 @@ mod tests {
     #[test]
     fn nonces_with_different_ttls_expire_each_at_its_own_time() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(10, clock.as_clock());
+        let store = MemoryNonces::new(10, clock.clock());
         assert_eq!(store.claim("desk", "long-000000000000", TTL), Claim::Fresh);
         assert_eq!(
             store.claim("desk", "short-00000000000", Duration::from_secs(5)),
@@ -330,7 +303,7 @@ mod tests {
     #[test]
     fn a_huge_ttl_is_capped_instead_of_overflowing() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(10, clock.as_clock());
+        let store = MemoryNonces::new(10, clock.clock());
         assert_eq!(store.claim("desk", "nonce-0000000001", Duration::MAX), Claim::Fresh);
         clock.advance(MAX_TTL);
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
@@ -338,7 +311,7 @@ mod tests {
 
     #[test]
     fn of_concurrent_claims_of_one_nonce_exactly_one_is_fresh() {
-        let store = Arc::new(MemoryNonces::new(1000, Arc::new(Instant::now)));
+        let store = Arc::new(MemoryNonces::new(1000, Clock::system()));
         let barrier = Arc::new(std::sync::Barrier::new(16));
         let threads: Vec<_> = (0..16)
             .map(|_| {
@@ -365,7 +338,7 @@ mod tests {
 
     #[test]
     fn concurrent_claims_never_exceed_the_capacity() {
-        let store = Arc::new(MemoryNonces::new(100, Arc::new(Instant::now)));
+        let store = Arc::new(MemoryNonces::new(100, Clock::system()));
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let store = store.clone();
@@ -384,7 +357,7 @@ mod tests {
     #[test]
     fn remembers_answers_for_nonces_inside_their_window_only() {
         let clock = ManualClock::new();
-        let store = MemoryNonces::new(10, clock.as_clock());
+        let store = MemoryNonces::new(10, clock.clock());
         assert!(!store.remembers("desk", "nonce-0000000001"));
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL), Claim::Fresh);
         assert!(store.remembers("desk", "nonce-0000000001"));
@@ -396,7 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_redis_the_store_decides_in_memory() {
-        let store = NonceStore::new(1, None);
+        let store = NonceStore::new(1, None, Clock::system());
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL).await, Claim::Fresh);
         assert_eq!(store.claim("desk", "nonce-0000000001", TTL).await, Claim::Replayed);
         assert_eq!(store.claim("desk", "nonce-0000000002", TTL).await, Claim::Full);

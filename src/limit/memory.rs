@@ -231,8 +231,7 @@ impl Shard {
                 let cut = (cap / 8).min(ages.len() - 1);
                 let (_, nth, _) = ages.select_nth_unstable(cut);
                 let oldest_kept = *nth;
-                self.entries
-                    .retain(|_, e| e.is_used_up(today) || e.at_us > oldest_kept);
+                self.entries.retain(|_, e| e.is_used_up(today) || e.at_us > oldest_kept);
             }
         }
         self.sweep_at = (self.entries.len() * 2).clamp(FIRST_SWEEP.min(cap), cap);
@@ -409,7 +408,10 @@ mod tests {
         // the least recently admitted go, the victim is never among them.
         for i in 0..SHARDS * 8 * 20 {
             let now = NOON + 1 + i as u64;
-            assert_eq!(m.decide(&user(&format!("flood-{i}")), &l, now).outcome, Outcome::Admitted);
+            assert_eq!(
+                m.decide(&user(&format!("flood-{i}")), &l, now).outcome,
+                Outcome::Admitted
+            );
         }
         assert!(m.len() <= SHARDS * 8, "{} entries", m.len());
         let later = NOON + SEC;
