@@ -21,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod limit;
+mod lock;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

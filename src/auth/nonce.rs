@@ -21,12 +21,15 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
+// A poisoned lock only means another claim panicked mid-way; the map itself is still
+// consistent enough for a replay cache (at worst one entry is missing its queue twin).
+use crate::lock::lock;
 use crate::store::Store;
 
 /// The outcome of claiming a nonce.
@@ -207,12 +210,6 @@ fn key(client: &str, nonce: &str) -> Key {
     hasher.update(client.as_bytes());
     hasher.update(nonce.as_bytes());
     hasher.finalize().into()
-}
-
-/// A poisoned lock only means another claim panicked mid-way; the map itself is still
-/// consistent enough for a replay cache (at worst one entry is missing its queue twin).
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

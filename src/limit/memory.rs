@@ -14,6 +14,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Decision, Key, Outcome, RateLimitHeaders};
+// A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
+use crate::lock::lock;
 use crate::settings::Limits;
 
 const MICROS_PER_SECOND: f64 = 1_000_000.0;
@@ -254,11 +256,6 @@ fn no_room(limits: &Limits, now_us: u64) -> Decision {
         },
         retry_after: to_midnight,
     }
-}
-
-/// A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
