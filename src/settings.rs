@@ -799,6 +799,35 @@ mod tests {
     }
 
     #[test]
+    fn the_known_variables_are_exactly_those_the_parser_reads() {
+        let pairs = base();
+        let values = lookup(&pairs);
+        let read = std::sync::Mutex::new(Vec::new());
+        Settings::from_lookup(|name| {
+            read.lock().expect("not poisoned").push(name.to_owned());
+            values(name)
+        })
+        .expect("valid settings");
+        let read = read.into_inner().expect("not poisoned");
+        let mut prefixed: Vec<&str> = read.iter().filter_map(|n| n.strip_prefix(PREFIX)).collect();
+        prefixed.sort_unstable();
+        prefixed.dedup();
+        let mut known = KNOWN_VARIABLES.to_vec();
+        known.sort_unstable();
+        assert_eq!(prefixed, known, "read by the parser vs KNOWN_VARIABLES");
+        // Besides those, only the platform's own variables.
+        let others: Vec<&str> = read
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with(PREFIX))
+            .collect();
+        assert!(
+            others.iter().all(|n| ["PORT", "GOOGLE_CLOUD_PROJECT"].contains(n)),
+            "{others:?}"
+        );
+    }
+
+    #[test]
     fn defaults_follow_the_contract() {
         let s = Settings::from_lookup(lookup(&base())).expect("valid settings");
         assert_eq!(s.port, 8080);
