@@ -393,3 +393,46 @@ async fn a_nonce_accepted_from_memory_during_an_outage_stays_refused_once_redis_
     assert_eq!(signed_chat(&client, &process, &during).await.0, 401);
     assert_no_panic(&process);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_accepted_from_memory_during_an_outage_is_written_to_redis_for_the_other_instances() {
+    let upstream = MockUpstream::openai().await;
+    let mut redis = RedisServer::start();
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "REDIS_URL", &redis.url());
+    set(&mut env, "REDIS_TIMEOUT_MS", "50");
+    let first = ServerProcess::start(&env).await;
+    let second = ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    redis.kill();
+    let during = common::nonce();
+    assert_eq!(signed_chat(&client, &first, &during).await.0, 200);
+    redis.restart();
+    // The first instance writes what it accepted from memory once Redis answers it again.
+    let key_part = hex::encode(&during);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis.keys().iter().any(|k| k.contains(&key_part)) {
+        assert!(Instant::now() < deadline, "the nonce reaches Redis within 20 s");
+        assert_eq!(signed_chat(&client, &first, &common::nonce()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Until the second instance's own claims reach Redis again (its breaker may be open).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = common::nonce();
+        assert_eq!(signed_chat(&client, &second, &probe).await.0, 200);
+        if redis.keys().iter().any(|k| k.contains(&hex::encode(&probe))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second instance uses Redis within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The second instance never saw the nonce: Redis refuses it.
+    assert_eq!(
+        signed_chat(&client, &second, &during).await,
+        (401, "replayed_nonce".to_owned())
+    );
+    assert_no_panic(&first);
+    assert_no_panic(&second);
+}

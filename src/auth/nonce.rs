@@ -12,7 +12,9 @@
 //! nonces inside their window, a nonce Redis calls new is looked up in memory too, and
 //! refused if memory accepted it (contract: it "stays refused for its window on that
 //! instance after Redis is back"). Without an outage memory holds nothing and is not
-//! asked.
+//! asked. Those nonces are also written to Redis once it answers (up to
+//! [`MAX_PENDING`] of them, in a background task started by a request), so that the other
+//! instances refuse them too.
 //!
 //! Expired entries are swept lazily, on the claims that touch their shard, never by a
 //! background task: Cloud Run throttles the CPU between requests, so a timer would barely
@@ -47,6 +49,21 @@ pub enum Claim {
 pub struct NonceStore {
     memory: MemoryNonces,
     store: Option<Arc<Store>>,
+    /// Nonces accepted from memory while Redis was unavailable, not yet written to it.
+    pending: Arc<Mutex<Vec<Pending>>>,
+    clock: Clock,
+}
+
+/// The most nonces kept for writing to Redis after an outage: at most ~400 bytes each
+/// (ids of 256 bytes, nonces of 128), so ~4 MB. Past it, a nonce is still refused on
+/// this instance (memory holds it) but not written to Redis.
+pub const MAX_PENDING: usize = 10_000;
+
+/// A nonce accepted from memory, to be written to Redis until `until`.
+struct Pending {
+    client: Box<str>,
+    nonce: Box<str>,
+    until: Instant,
 }
 
 impl NonceStore {
@@ -54,8 +71,10 @@ impl NonceStore {
     /// `clock`'s monotonic instants.
     pub fn new(capacity: usize, store: Option<Arc<Store>>, clock: Clock) -> Self {
         Self {
-            memory: MemoryNonces::new(capacity, clock),
+            memory: MemoryNonces::new(capacity, clock.clone()),
             store,
+            pending: Arc::default(),
+            clock,
         }
     }
 
@@ -63,15 +82,60 @@ impl NonceStore {
     pub async fn claim(&self, client: &str, nonce: &str, ttl: Duration) -> Claim {
         if let Some(store) = &self.store {
             // Boxed: a Redis call's future is large, and without Redis it is never made.
-            match Box::pin(store.claim_nonce(client, nonce, ttl)).await {
+            let answer = Box::pin(store.claim_nonce(client, nonce, ttl)).await;
+            if answer.is_some() {
+                self.write_back(store);
+            }
+            match answer {
                 Some(true) if self.memory.remembers(client, nonce) => return Claim::Replayed,
                 Some(true) => return Claim::Fresh,
                 Some(false) => return Claim::Replayed,
-                // Redis is absent, slow or down: memory decides (contract: never unchecked).
-                None => {}
+                // Redis is slow or down: memory decides (contract: never unchecked), and
+                // Redis is told once it answers.
+                None => {
+                    let claim = self.memory.claim(client, nonce, ttl);
+                    if claim == Claim::Fresh {
+                        self.keep_for_redis(client, nonce, ttl);
+                    }
+                    return claim;
+                }
             }
         }
         self.memory.claim(client, nonce, ttl)
+    }
+
+    fn keep_for_redis(&self, client: &str, nonce: &str, ttl: Duration) {
+        let mut pending = lock(&self.pending);
+        if pending.len() < MAX_PENDING {
+            pending.push(Pending {
+                client: client.into(),
+                nonce: nonce.into(),
+                until: self.clock.instant() + ttl.min(MAX_TTL),
+            });
+        }
+    }
+
+    /// Redis answers: writes the nonces accepted from memory meanwhile, in a task of its
+    /// own (no request waits for it). One that Redis fails to take is dropped: this
+    /// instance still refuses it from memory.
+    fn write_back(&self, store: &Arc<Store>) {
+        let batch = {
+            let mut pending = lock(&self.pending);
+            if pending.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        let (store, clock) = (Arc::clone(store), self.clock.clone());
+        tokio::spawn(async move {
+            for nonce in batch {
+                let left = nonce.until.saturating_duration_since(clock.instant());
+                if left.is_zero() {
+                    continue;
+                }
+                let _ = Box::pin(store.claim_nonce(&nonce.client, &nonce.nonce, left)).await;
+            }
+        });
     }
 }
 
