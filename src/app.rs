@@ -40,7 +40,7 @@ impl App {
         let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
         Self {
             auth: Authenticator::new(&settings, store.clone()),
-            limiter: Limiter::new(&settings.limits, store),
+            limiter: Limiter::with_clock(&settings.limits, store, settings.clock.clone()),
             upstream: Upstream::new(&settings.upstream),
             models: Models::new(&settings.policy.allowed_models),
             settings,

@@ -17,6 +17,15 @@ use http::{HeaderMap, Method, header};
 use crate::settings::Settings;
 use crate::store::Store;
 
+/// The longest user, product or client id, in bytes (contract: ids are 1 to 256 bytes).
+/// Ids end up in limiter keys, Redis keys and every log line: a bound here bounds those.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// True for an id of 1 to [`MAX_ID_BYTES`] bytes.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_BYTES).contains(&id.len())
+}
+
 /// Who a request acts for: the product whose key is used and the user it is limited as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -72,8 +81,8 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(settings: &Settings, store: Option<Arc<Store>>) -> Self {
         Self {
-            jwt: jwt::JwtVerifier::new(&settings.jwt, &settings.product_keys),
-            hmac: hmac::HmacVerifier::new(&settings.hmac, &settings.product_keys, store),
+            jwt: jwt::JwtVerifier::with_clock(&settings.jwt, &settings.product_keys, settings.clock.clone()),
+            hmac: hmac::HmacVerifier::with_clock(&settings.hmac, &settings.product_keys, store, settings.clock.clone()),
         }
     }
 

@@ -14,6 +14,10 @@
 //!   needs); [`error`] turns every failure into the contract's error envelope.
 //!
 //! [`metrics`] counts requests, upstream latency and limiter decisions for Prometheus.
+//! [`clock`] is the one time source of the auth checks and the limiter, so tests can move
+//! it. [`budget`] (prices, reservations in memory and Redis, the outage rule), [`usage`]
+//! (token usage read from bodies and streams as they pass) and [`day`] (the day in
+//! `DAY_TIMEZONE`) are the building blocks of spend control, not yet on the request path.
 //! [`settings`] reads the environment once at startup; [`cli`] holds the `dev`,
 //! `mint-jwt` and `sign` subcommands.
 
@@ -21,9 +25,11 @@ pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cli;
+pub mod clock;
 pub mod day;
 pub mod error;
 pub mod limit;
+mod lock;
 pub mod metrics;
 pub mod request;
 pub mod routes;

@@ -11,13 +11,14 @@ mod memory;
 mod redis;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use self::memory::MemoryLimiter;
 use self::redis::RedisLimiter;
 use crate::auth::Identity;
+use crate::clock::Clock;
 use crate::metrics;
 use crate::settings::{LimitSettings, Limits};
 use crate::store::Store;
@@ -157,40 +158,25 @@ pub(crate) enum Key {
     Client(Arc<str>),
 }
 
-/// The time limits are decided at, injected so that tests control it.
-pub trait Clock: Send + Sync {
-    /// Microseconds since the Unix epoch (UTC).
-    fn now_micros(&self) -> u64;
-}
-
-/// The system's wall clock: the daily quota follows the UTC calendar, and a step back is
-/// harmless (the bucket refills nothing for it).
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_micros(&self) -> u64 {
-        let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX)
-    }
-}
-
 /// Decides every request's limits: in Redis when a store is configured and answering,
 /// else in this instance's memory.
 pub struct Limiter {
     settings: LimitSettings,
     memory: MemoryLimiter,
     redis: Option<RedisLimiter>,
-    clock: Arc<dyn Clock>,
+    /// Wall time: the daily quota follows the UTC calendar, and a step back is harmless
+    /// (the bucket refills nothing for it).
+    clock: Clock,
 }
 
 impl Limiter {
     pub fn new(settings: &LimitSettings, store: Option<Arc<Store>>) -> Self {
-        Self::with_clock(settings, store, Arc::new(SystemClock))
+        Self::with_clock(settings, store, Clock::system())
     }
 
     /// As [`Limiter::new`], with the clock of the in-memory decisions (Redis decides on
     /// its own clock).
-    pub fn with_clock(settings: &LimitSettings, store: Option<Arc<Store>>, clock: Arc<dyn Clock>) -> Self {
+    pub fn with_clock(settings: &LimitSettings, store: Option<Arc<Store>>, clock: Clock) -> Self {
         Self {
             settings: settings.clone(),
             memory: MemoryLimiter::new(),
@@ -228,7 +214,7 @@ impl Limiter {
             metrics::limiter_decision(decision.outcome.label(), "redis");
             return decision;
         }
-        let decision = self.memory.decide(key, limits, self.clock.now_micros());
+        let decision = self.memory.decide(key, limits, self.clock.unix_micros());
         metrics::limiter_decision(decision.outcome.label(), "memory");
         decision
     }
@@ -239,18 +225,9 @@ impl Limiter {
 mod tests {
     use std::collections::HashMap;
     use std::num::{NonZeroU32, NonZeroU64};
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-
-    /// A clock the test moves by hand.
-    struct ManualClock(AtomicU64);
-
-    impl Clock for ManualClock {
-        fn now_micros(&self) -> u64 {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
+    use crate::clock::ManualClock;
 
     /// 2024-05-01T23:59:00Z.
     const LATE: u64 = (19_844 * 86_400 + 86_340) * 1_000_000;
@@ -269,8 +246,8 @@ mod tests {
             products: HashMap::new(),
             clients: HashMap::from([("desk".to_owned(), client)]),
         };
-        let clock = Arc::new(ManualClock(AtomicU64::new(LATE)));
-        (Limiter::with_clock(&settings, None, clock.clone()), clock)
+        let clock = ManualClock::at(Duration::from_micros(LATE));
+        (Limiter::with_clock(&settings, None, clock.clock()), clock)
     }
 
     fn identity(user: &str, client: Option<&str>) -> Identity {
@@ -313,7 +290,7 @@ mod tests {
         // Not through the client: the user's bucket lost only the one admitted token.
         let grant = limiter.admit(&identity("a", None)).await.unwrap();
         assert_eq!(grant.headers.remaining, 0);
-        clock.0.fetch_add(1_000_000, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(1));
         assert!(limiter.admit(&a).await.is_ok());
     }
 
@@ -333,7 +310,7 @@ mod tests {
         assert_eq!(headers["x-ratelimit-limit-requests"], "5");
         assert_eq!(headers["x-ratelimit-remaining-requests"], "4");
         assert_eq!(headers["x-ratelimit-reset-requests"], "1s");
-        clock.0.fetch_add(60_000_000, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(60));
         assert!(limiter.admit(&a).await.is_ok());
     }
 

@@ -16,6 +16,8 @@ use jsonwebtoken::DecodingKey;
 use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
+use crate::clock::Clock;
+
 /// Prefix of every variable this service reads (except `PORT`, which Cloud Run sets).
 pub const PREFIX: &str = "API_KEY_SERVER_";
 
@@ -256,6 +258,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub gcp_project_id: Option<String>,
     pub metrics_port: Option<u16>,
+    /// Not a variable: the time JWT and HMAC checks, nonces and in-memory limits are
+    /// decided at. The system's; tests that run the server in-process put in a
+    /// [`ManualClock`](crate::clock::ManualClock) to see expiry without waiting for it.
+    pub clock: Clock,
 }
 
 /// What [`Settings::from_lookup`] found besides the settings themselves.
@@ -348,6 +354,7 @@ impl Settings {
             log_format,
             gcp_project_id,
             metrics_port,
+            clock: Clock::system(),
         })
     }
 }
@@ -438,9 +445,7 @@ impl Env<'_> {
         }
         let mut keys = HashMap::with_capacity(map.len());
         for (product, key) in map {
-            if product.is_empty() {
-                return Err(SettingsError::new(NAME, "a product id is empty"));
-            }
+            check_id(NAME, "product", &product)?;
             // Visible ASCII and spaces only: anything else cannot travel in a header, and
             // finding that out on the first request would be too late.
             let valid = !key.trim().is_empty() && key.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
@@ -488,9 +493,7 @@ impl Env<'_> {
             .unwrap_or_default();
         let mut secrets = HashMap::with_capacity(raw.len());
         for (client, secret) in raw {
-            if client.is_empty() {
-                return Err(SettingsError::new(SECRETS, "a client id is empty"));
-            }
+            check_id(SECRETS, "client", &client)?;
             if secret.len() < 32 {
                 return Err(SettingsError::new(
                     SECRETS,
@@ -505,6 +508,10 @@ impl Env<'_> {
             .map(|map| {
                 map.into_iter()
                     .map(|(client, list)| {
+                        check_id(PRODUCTS, "client", &client)?;
+                        for product in &list {
+                            check_id(PRODUCTS, "product", product)?;
+                        }
                         if !secrets.contains_key(&client) {
                             return Err(SettingsError::new(
                                 PRODUCTS,
@@ -570,16 +577,7 @@ impl Env<'_> {
 
     fn redis(&self) -> Result<Option<RedisSettings>, SettingsError> {
         let cluster = self.bool("REDIS_CLUSTER", false)?;
-        let ca_cert = self.parse("REDIS_CA_CERT", |v| {
-            let pem = v.as_bytes();
-            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| "expected PEM certificates".to_owned())?;
-            if certs.is_empty() {
-                return Err("expected at least one PEM certificate".to_owned());
-            }
-            Ok(pem.to_vec())
-        })?;
+        let ca_cert = self.parse("REDIS_CA_CERT", parse_ca_cert)?;
         let prefix = self
             .string("REDIS_PREFIX")
             .unwrap_or_else(|| "api-key-server".to_owned());
@@ -641,6 +639,7 @@ impl Env<'_> {
             .unwrap_or_default()
             .into_iter()
             .map(|(id, limits)| {
+                check_id(name, what, &id)?;
                 if !known(&id) {
                     return Err(SettingsError::new(
                         name,
@@ -709,6 +708,39 @@ impl LimitsOverride {
     }
 }
 
+/// An id (a key of an id map, or a product in `CLIENT_PRODUCTS`) must be 1 to
+/// [`MAX_ID_BYTES`](crate::auth::MAX_ID_BYTES) bytes, as in requests. The error does not
+/// quote the id: a 400 KB one would make a 400 KB log line.
+fn check_id(name: &str, what: &str, id: &str) -> Result<(), SettingsError> {
+    if id.is_empty() {
+        return Err(SettingsError::new(name, format!("a {what} id is empty")));
+    }
+    if !crate::auth::is_valid_id(id) {
+        return Err(SettingsError::new(
+            name,
+            format!("a {what} id is longer than {} bytes", crate::auth::MAX_ID_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+/// `REDIS_CA_CERT`: PEM holding at least one certificate, each of which parses as an
+/// X.509 trust anchor. Checked here because the Redis client finds out only when it
+/// connects, and a Redis it cannot trust means limits and nonces in memory for good.
+fn parse_ca_cert(v: &str) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(v.as_bytes()) {
+        let cert = cert.map_err(|_| "expected PEM certificates".to_owned())?;
+        roots
+            .add(cert)
+            .map_err(|_| "holds a certificate that does not parse as X.509".to_owned())?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (\"BEGIN CERTIFICATE\")".to_owned());
+    }
+    Ok(v.as_bytes().to_vec())
+}
+
 fn parse_rate(v: &str) -> Option<f64> {
     v.parse::<f64>().ok().filter(|r| r.is_finite() && *r > 0.0)
 }
@@ -764,6 +796,35 @@ mod tests {
         let mut pairs = base();
         pairs.extend_from_slice(extra);
         Settings::from_lookup(lookup(&pairs)).expect_err("settings should be refused")
+    }
+
+    #[test]
+    fn the_known_variables_are_exactly_those_the_parser_reads() {
+        let pairs = base();
+        let values = lookup(&pairs);
+        let read = std::sync::Mutex::new(Vec::new());
+        Settings::from_lookup(|name| {
+            read.lock().expect("not poisoned").push(name.to_owned());
+            values(name)
+        })
+        .expect("valid settings");
+        let read = read.into_inner().expect("not poisoned");
+        let mut prefixed: Vec<&str> = read.iter().filter_map(|n| n.strip_prefix(PREFIX)).collect();
+        prefixed.sort_unstable();
+        prefixed.dedup();
+        let mut known = KNOWN_VARIABLES.to_vec();
+        known.sort_unstable();
+        assert_eq!(prefixed, known, "read by the parser vs KNOWN_VARIABLES");
+        // Besides those, only the platform's own variables.
+        let others: Vec<&str> = read
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with(PREFIX))
+            .collect();
+        assert!(
+            others.iter().all(|n| ["PORT", "GOOGLE_CLOUD_PROJECT"].contains(n)),
+            "{others:?}"
+        );
     }
 
     #[test]
@@ -900,6 +961,29 @@ mod tests {
         let limits = s.limits.for_product("app");
         assert_eq!(limits.capacity.get(), 3);
         assert_eq!(limits.daily_quota.get(), 200_000);
+    }
+
+    #[test]
+    fn ids_of_256_bytes_are_accepted_and_longer_ones_refused_unquoted() {
+        let id = "i".repeat(256);
+        let keys = format!(r#"{{"{id}":"sk-test"}}"#);
+        let limits = format!(r#"{{"{id}":{{"capacity":1}}}}"#);
+        let pairs = [
+            ("PRODUCT_KEYS", keys.as_str()),
+            ("CLIENT_HMAC_SECRETS", r#"{"desk":"0123456789abcdef0123456789abcdef"}"#),
+            ("PRODUCT_LIMITS", limits.as_str()),
+        ];
+        let s = Settings::from_lookup(lookup(&pairs)).expect("256-byte ids are valid");
+        assert_eq!(s.limits.for_product(&id).capacity.get(), 1);
+        let long = "i".repeat(257);
+        let keys = format!(r#"{{"{long}":"sk-test"}}"#);
+        let pairs = [
+            ("PRODUCT_KEYS", keys.as_str()),
+            ("CLIENT_HMAC_SECRETS", r#"{"desk":"0123456789abcdef0123456789abcdef"}"#),
+        ];
+        let error = Settings::from_lookup(lookup(&pairs)).expect_err("a 257-byte id is refused");
+        assert_eq!(error.variable, "API_KEY_SERVER_PRODUCT_KEYS");
+        assert!(!error.to_string().contains(&long), "{error}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -20,6 +20,8 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+// A poisoned lock only means a panic elsewhere; an `Instant` is always valid.
+use crate::lock::lock;
 use crate::metrics;
 use crate::settings::RedisSettings;
 
@@ -361,11 +363,6 @@ pub(crate) fn id_part(id: &str) -> String {
     } else {
         format!("h{}", hex::encode(Sha256::digest(id.as_bytes())))
     }
-}
-
-/// A poisoned lock only means a panic elsewhere; an `Instant` is always valid.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -564,3 +564,103 @@ async fn replays_are_refused_in_memory_while_redis_is_down() {
     assert_eq!(upstream.requests().len(), 1);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn ids_are_1_to_256_bytes() {
+    let (upstream, app) = start(&[]).await;
+    let sign = |client: &str, product: &str, user: &str| {
+        hmac_sign(
+            HMAC_SECRET,
+            "POST",
+            PATH,
+            client,
+            product,
+            user,
+            Some(&nonce()),
+            now(),
+            CHAT.as_bytes(),
+        )
+    };
+    let at_bound = "u".repeat(256);
+    assert_eq!(send(&app, &sign(CLIENT, PRODUCT, &at_bound), CHAT).await.status(), 200);
+    let long = "u".repeat(257);
+    assert_401(
+        send(&app, &sign(CLIENT, PRODUCT, &long), CHAT).await,
+        "invalid_signature",
+    )
+    .await;
+    // Malformed (401) rather than an unknown product (403).
+    assert_401(send(&app, &sign(CLIENT, &long, USER), CHAT).await, "invalid_signature").await;
+    assert_401(send(&app, &sign(&long, PRODUCT, USER), CHAT).await, "invalid_signature").await;
+    assert_eq!(upstream.requests().len(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_huge_user_id_is_refused_by_the_binary_and_never_logged() {
+    let upstream = MockUpstream::openai().await;
+    let env = common::base_env(&upstream.url());
+    let server = common::ServerProcess::start(&env).await;
+    let user = "u".repeat(64 * 1024);
+    let signed = hmac_sign(
+        HMAC_SECRET,
+        "POST",
+        PATH,
+        CLIENT,
+        PRODUCT,
+        &user,
+        Some(&nonce()),
+        now(),
+        CHAT.as_bytes(),
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let request = client.post(server.url(PATH)).body(CHAT);
+    let response = signed.apply(request).send().await.unwrap();
+    assert_401(response, "invalid_signature").await;
+    // The request's log line is written once the response is; ask for a second request's
+    // line to know the first is in.
+    let health = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server.output().contains("/health") {
+        assert!(std::time::Instant::now() < deadline, "the log lines arrive");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let output = server.output();
+    assert!(output.contains("invalid_signature"), "the refusal is logged");
+    assert!(!output.contains(&"u".repeat(257)), "the long id is not logged");
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn the_timestamp_window_follows_the_servers_clock() {
+    let upstream = MockUpstream::openai().await;
+    let clock = api_key_server::clock::ManualClock::new();
+    let app = TestApp::spawn_with_clock(
+        &upstream.url(),
+        &[("HMAC_CLOCK_TOLERANCE_SECONDS", "60")],
+        clock.clock(),
+    )
+    .await;
+    let signed_at = clock.clock().wall().as_secs();
+    let sign = || {
+        hmac_sign(
+            HMAC_SECRET,
+            "POST",
+            PATH,
+            CLIENT,
+            PRODUCT,
+            USER,
+            Some(&nonce()),
+            signed_at,
+            CHAT.as_bytes(),
+        )
+    };
+    assert_eq!(send(&app, &sign(), CHAT).await.status(), 200);
+    // The server's clock decides, whatever the test machine's says.
+    clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(send(&app, &sign(), CHAT).await.status(), 200);
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_401(send(&app, &sign(), CHAT).await, "timestamp_out_of_range").await;
+    app.shutdown().await;
+}

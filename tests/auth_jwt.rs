@@ -7,6 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use api_key_server::clock::ManualClock;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{CHAT, KID, MockUpstream, PRODUCT, PRODUCT_KEY, TestApp, USER, fixture, jwt, jwt_claims, now, sign_jwt};
@@ -237,12 +238,20 @@ async fn expiry_within_the_leeway_is_accepted() {
 
 #[tokio::test]
 async fn a_cached_token_still_expires() {
-    let (_upstream, app) = start(&[("JWT_LEEWAY_SECONDS", "0")]).await;
+    let upstream = MockUpstream::openai().await;
+    // On a whole second, so that `exp` falls exactly on a reading of the clock.
     let now = now();
+    let clock = ManualClock::at(std::time::Duration::from_secs(now));
+    let app = TestApp::spawn_with_clock(&upstream.url(), &[("JWT_LEEWAY_SECONDS", "0")], clock.clock()).await;
     let token = jwt_claims(&json!({"sub": USER, "product": PRODUCT, "iat": now, "exp": now + 2}));
     assert_eq!(with_token(&app, &token).await.status(), 200);
-    // Wait for the clock, not for the server: bounded, and the only way time passes.
-    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    clock.advance(std::time::Duration::from_secs(2));
+    assert_eq!(
+        with_token(&app, &token).await.status(),
+        200,
+        "exp itself is still valid"
+    );
+    clock.advance(std::time::Duration::from_millis(1));
     assert_401(with_token(&app, &token).await, "token_expired").await;
     app.shutdown().await;
 }
@@ -621,5 +630,72 @@ async fn models_need_a_valid_token_too() {
         .await
         .unwrap();
     assert_401(response, "invalid_token").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn ids_are_1_to_256_bytes() {
+    let (upstream, app) = start(&[]).await;
+    let now = now();
+    let token =
+        |sub: &str, product: &str| jwt_claims(&json!({"sub": sub, "product": product, "iat": now, "exp": now + 300}));
+    let at_bound = "u".repeat(256);
+    assert_eq!(with_token(&app, &token(&at_bound, PRODUCT)).await.status(), 200);
+    assert_eq!(upstream.requests().len(), 1);
+    assert_invalid(&app, &token(&"u".repeat(257), PRODUCT)).await;
+    assert_invalid(&app, &token("", PRODUCT)).await;
+    // A product id past the bound is malformed (401), not merely unknown (403).
+    assert_invalid(&app, &token(USER, &"p".repeat(257))).await;
+    assert_eq!(upstream.requests().len(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn claims_that_are_not_a_json_object_are_refused() {
+    let (upstream, app) = start(&[]).await;
+    let now = now();
+    // serde reads an array as a struct's fields in order: the one shape that would pass.
+    let array = json!([USER, PRODUCT, now + 300, now, null]);
+    for claims in [array, json!("alice"), json!(42), json!(null)] {
+        assert_invalid(&app, &jwt_claims(&claims)).await;
+    }
+    assert!(upstream.requests().is_empty());
+    app.shutdown().await;
+}
+
+/// A token whose header is exactly `header` (JSON text), validly signed with the test key.
+fn token_with_raw_header(header: &Value, claims: &Value) -> String {
+    let message = format!("{}.{}", b64(header), b64(claims));
+    let key = EncodingKey::from_rsa_pem(fixture("jwt-private.pem").as_bytes()).unwrap();
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::RS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+#[tokio::test]
+async fn a_header_with_crit_is_refused() {
+    let (upstream, app) = start(&[]).await;
+    // The same header without `crit` passes: the refusal is for `crit` alone.
+    let plain = json!({"alg": "RS256", "typ": "JWT", "kid": KID});
+    assert_eq!(
+        with_token(&app, &token_with_raw_header(&plain, &claims()))
+            .await
+            .status(),
+        200
+    );
+    for crit in [json!(["exp"]), json!(["b64"]), json!([]), json!(null)] {
+        let mut header = plain.clone();
+        header["crit"] = crit;
+        if header["crit"] == json!(["b64"]) {
+            header["b64"] = json!(true);
+        }
+        assert_invalid(&app, &token_with_raw_header(&header, &claims())).await;
+    }
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(KID.to_owned());
+    header.crit = Some(vec!["exp".to_owned()]);
+    assert_invalid(&app, &sign_jwt(&header, &claims(), "jwt-private.pem")).await;
+    // A header that is not a JSON object at all.
+    assert_invalid(&app, &token_with_raw_header(&json!(["RS256", KID]), &claims())).await;
+    assert_eq!(upstream.requests().len(), 1);
     app.shutdown().await;
 }

@@ -330,3 +330,109 @@ async fn a_failing_upstream_gets_the_contract_502s_and_leaks_nothing() {
         "mid-stream failures are logged as upstream_aborted"
     );
 }
+
+/// Sends one HMAC chat request signed now with `nonce`; returns the status and error code.
+async fn signed_chat(client: &reqwest::Client, process: &ServerProcess, nonce: &str) -> (u16, String) {
+    let signed = common::hmac_sign(
+        common::HMAC_SECRET,
+        "POST",
+        "/v1/chat/completions",
+        common::CLIENT,
+        common::PRODUCT,
+        common::USER,
+        Some(nonce),
+        common::now(),
+        CHAT.as_bytes(),
+    );
+    let request = client.post(process.url("/v1/chat/completions")).body(CHAT);
+    let response = signed.apply(request).send().await.unwrap();
+    let status = response.status().as_u16();
+    if status == 200 {
+        return (status, String::new());
+    }
+    let (_, code, _) = common::error_of(response).await;
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_accepted_from_memory_during_an_outage_stays_refused_once_redis_is_back() {
+    let upstream = MockUpstream::openai().await;
+    let mut redis = RedisServer::start();
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "REDIS_URL", &redis.url());
+    set(&mut env, "REDIS_TIMEOUT_MS", "50");
+    let process = ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Through Redis first: the nonce is a key there.
+    assert_eq!(signed_chat(&client, &process, &common::nonce()).await.0, 200);
+    assert!(redis.keys().iter().any(|k| k.contains(":nonce:")), "nonces go to Redis");
+
+    redis.kill();
+    let during = common::nonce();
+    assert_eq!(signed_chat(&client, &process, &during).await.0, 200);
+    assert_eq!(
+        signed_chat(&client, &process, &during).await,
+        (401, "replayed_nonce".to_owned()),
+        "memory refuses the replay during the outage"
+    );
+
+    // Back, and empty. Fresh nonces until one lands in Redis: then Redis decides again.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis.keys().iter().any(|k| k.contains(":nonce:")) {
+        assert!(Instant::now() < deadline, "the proxy uses Redis again within 20 s");
+        assert_eq!(signed_chat(&client, &process, &common::nonce()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        signed_chat(&client, &process, &during).await,
+        (401, "replayed_nonce".to_owned()),
+        "the nonce accepted from memory is still refused with Redis back"
+    );
+    // Redis recorded that attempt too, so it stays refused however it is asked.
+    assert_eq!(signed_chat(&client, &process, &during).await.0, 401);
+    assert_no_panic(&process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_accepted_from_memory_during_an_outage_is_written_to_redis_for_the_other_instances() {
+    let upstream = MockUpstream::openai().await;
+    let mut redis = RedisServer::start();
+    let mut env = base_env(&upstream.url());
+    set(&mut env, "REDIS_URL", &redis.url());
+    set(&mut env, "REDIS_TIMEOUT_MS", "50");
+    let first = ServerProcess::start(&env).await;
+    let second = ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    redis.kill();
+    let during = common::nonce();
+    assert_eq!(signed_chat(&client, &first, &during).await.0, 200);
+    redis.restart();
+    // The first instance writes what it accepted from memory once Redis answers it again.
+    let key_part = hex::encode(&during);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis.keys().iter().any(|k| k.contains(&key_part)) {
+        assert!(Instant::now() < deadline, "the nonce reaches Redis within 20 s");
+        assert_eq!(signed_chat(&client, &first, &common::nonce()).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Until the second instance's own claims reach Redis again (its breaker may be open).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = common::nonce();
+        assert_eq!(signed_chat(&client, &second, &probe).await.0, 200);
+        if redis.keys().iter().any(|k| k.contains(&hex::encode(&probe))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second instance uses Redis within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The second instance never saw the nonce: Redis refuses it.
+    assert_eq!(
+        signed_chat(&client, &second, &during).await,
+        (401, "replayed_nonce".to_owned())
+    );
+    assert_no_panic(&first);
+    assert_no_panic(&second);
+}

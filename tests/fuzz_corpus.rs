@@ -14,11 +14,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use api_key_server::auth::Identity;
+use api_key_server::clock::ManualClock;
 use api_key_server::error::ApiError;
-use api_key_server::limit::{Clock, LimitError, Limiter};
+use api_key_server::limit::{LimitError, Limiter};
 use api_key_server::settings::{LimitSettings, Limits};
 use api_key_server::validate;
 use bytes::Bytes;
@@ -281,15 +282,6 @@ proptest! {
     }
 }
 
-/// A clock the test moves by hand.
-struct ManualClock(AtomicU64);
-
-impl Clock for ManualClock {
-    fn now_micros(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// 2026-01-01T00:00:00Z, in microseconds.
 const START: u64 = 1_767_225_600 * 1_000_000;
 
@@ -304,8 +296,8 @@ fn limiter(capacity: u32, rate: f64, quota: u64) -> (Limiter, Arc<ManualClock>) 
         products: HashMap::new(),
         clients: HashMap::new(),
     };
-    let clock = Arc::new(ManualClock(AtomicU64::new(START)));
-    (Limiter::with_clock(&settings, None, clock.clone()), clock)
+    let clock = ManualClock::at(Duration::from_micros(START));
+    (Limiter::with_clock(&settings, None, clock.clock()), clock)
 }
 
 fn user() -> Identity {
@@ -337,13 +329,13 @@ proptest! {
         let (limiter, clock) = limiter(capacity, rate, 1_000_000);
         block_on(async {
             for gap in gaps {
-                clock.0.fetch_add(gap, Ordering::SeqCst);
+                clock.advance(Duration::from_micros(gap));
                 if let Err(refusal @ LimitError::RateLimited { .. }) = limiter.admit(&user()).await {
                     let mut headers = http::HeaderMap::new();
                     refusal.write_headers(&mut headers);
                     let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
                     prop_assert!(wait >= 1);
-                    clock.0.fetch_add(wait * 1_000_000, Ordering::SeqCst);
+                    clock.advance(Duration::from_secs(wait));
                     let retried = limiter.admit(&user()).await;
                     prop_assert!(retried.is_ok(), "refused again after Retry-After: {wait} s (rate {rate}): {retried:?}");
                 }
@@ -365,8 +357,8 @@ proptest! {
         let (noisy, noisy_clock) = limiter(capacity, rate, quota);
         block_on(async {
             for (gap, extra) in steps {
-                plain_clock.0.fetch_add(gap, Ordering::SeqCst);
-                noisy_clock.0.fetch_add(gap, Ordering::SeqCst);
+                plain_clock.advance(Duration::from_micros(gap));
+                noisy_clock.advance(Duration::from_micros(gap));
                 let a = plain.admit(&user()).await.is_ok();
                 let b = noisy.admit(&user()).await.is_ok();
                 prop_assert_eq!(a, b);
@@ -397,7 +389,8 @@ proptest! {
             for gap in gaps {
                 // Mostly short gaps, sometimes across days.
                 let gap = if gap % 7 == 0 { gap } else { gap % 3_000_000 };
-                let now = clock.0.fetch_add(gap, Ordering::SeqCst) + gap;
+                clock.advance(Duration::from_micros(gap));
+                let now = clock.clock().unix_micros();
                 if limiter.admit(&user()).await.is_ok() {
                     admitted += 1;
                     *per_day.entry(now / 86_400_000_000).or_default() += 1;

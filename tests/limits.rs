@@ -2,9 +2,12 @@
 #![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, error_of, hmac_sign, jwt, nonce, now};
+use api_key_server::clock::ManualClock;
+use common::{
+    CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, error_of, hmac_sign, jwt, jwt_claims, nonce, now,
+};
 
 const PATH: &str = "/v1/chat/completions";
 
@@ -49,11 +52,6 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .to_owned()
 }
 
-fn seconds_to_utc_midnight() -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    86_400 - now % 86_400
-}
-
 #[tokio::test]
 async fn a_burst_past_capacity_gets_429_with_retry_after_and_the_bucket_headers() {
     let upstream = MockUpstream::openai().await;
@@ -93,9 +91,11 @@ async fn a_burst_past_capacity_gets_429_with_retry_after_and_the_bucket_headers(
 #[tokio::test]
 async fn the_bucket_refills_at_its_rate() {
     let upstream = MockUpstream::openai().await;
-    let app = TestApp::spawn(
+    let clock = ManualClock::new();
+    let app = TestApp::spawn_with_clock(
         &upstream.url(),
         &[("RATE_LIMIT_CAPACITY", "2"), ("RATE_LIMIT_REFILL_PER_SECOND", "20")],
+        clock.clock(),
     )
     .await;
     for _ in 0..2 {
@@ -105,32 +105,44 @@ async fn the_bucket_refills_at_its_rate() {
     assert_eq!(refused.status(), 429);
     // 50 ms until a token: whole seconds, at least 1.
     assert_eq!(header(&refused, "retry-after"), "1");
-    // Time passing is the point here, not synchronisation: one token takes 50 ms.
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    clock.advance(Duration::from_millis(40));
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 429, "0.8 token");
+    clock.advance(Duration::from_millis(20));
     assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+    assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 429);
     app.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_daily_quota_refuses_until_utc_midnight() {
     let upstream = MockUpstream::openai().await;
-    let app = TestApp::spawn(&upstream.url(), &[("DAILY_QUOTA", "2")]).await;
+    let clock = ManualClock::new();
+    let app = TestApp::spawn_with_clock(&upstream.url(), &[("DAILY_QUOTA", "2")], clock.clock()).await;
+    // Tokens issued at the clock's time, which the test moves across midnight.
+    let chat_now = || {
+        let now = clock.clock().wall().as_secs();
+        let token = jwt_claims(&serde_json::json!({"sub": "alice", "product": PRODUCT, "iat": now, "exp": now + 300}));
+        app.client.post(app.url(PATH)).bearer_auth(token).body(CHAT).send()
+    };
     for _ in 0..2 {
-        assert_eq!(chat_as(&app, PRODUCT, "alice").await.status(), 200);
+        assert_eq!(chat_now().await.unwrap().status(), 200);
     }
-    let response = chat_as(&app, PRODUCT, "alice").await;
+    let response = chat_now().await.unwrap();
     assert_eq!(response.status(), 429);
     assert_eq!(header(&response, "x-should-retry"), "false");
     let retry_after: u64 = header(&response, "retry-after").parse().unwrap();
-    assert!(
-        retry_after.abs_diff(seconds_to_utc_midnight()) <= 2,
-        "Retry-After {retry_after}"
-    );
+    let to_midnight = 86_400 - clock.clock().wall().as_secs() % 86_400;
+    assert_eq!(retry_after, to_midnight, "Retry-After {retry_after}");
     let (kind, code, _) = error_of(response).await;
     assert_eq!(
         (kind.as_str(), code.as_str()),
         ("rate_limit_error", "daily_quota_exceeded")
     );
+    // One second before midnight: still refused; at midnight the quota starts again.
+    clock.advance(Duration::from_secs(to_midnight - 1));
+    assert_eq!(chat_now().await.unwrap().status(), 429);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(chat_now().await.unwrap().status(), 200);
     app.shutdown().await;
 }
 

@@ -111,6 +111,66 @@ async fn configuration_errors_exit_2_with_one_line_naming_the_variable_and_no_va
     }
 }
 
+/// Asserts that the binary refuses `env` with exit 2 and one line naming `variable`,
+/// without any of `hidden`.
+async fn assert_refused(env: &HashMap<String, String>, variable: &str, hidden: &[&str]) {
+    let (code, stderr, stdout) = run_to_exit(env).await;
+    assert_eq!(code, 2, "{variable}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for {variable}: {stderr}");
+    assert!(lines[0].contains(variable), "{variable} in {stderr}");
+    for value in hidden {
+        assert!(
+            !stderr.contains(value) && !stdout.contains(value),
+            "a value printed for {variable}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ids_over_256_bytes_in_settings_exit_2_without_printing_them() {
+    let upstream = "http://127.0.0.1:9/v1/chat/completions";
+    let long = "i".repeat(257);
+    let secret = HMAC_SECRET;
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (
+            vec![("PRODUCT_KEYS", format!(r#"{{"demo": "sk-a", "{long}": "sk-b"}}"#))],
+            "API_KEY_SERVER_PRODUCT_KEYS",
+        ),
+        (
+            vec![("CLIENT_HMAC_SECRETS", format!(r#"{{"{long}": "{secret}"}}"#))],
+            "API_KEY_SERVER_CLIENT_HMAC_SECRETS",
+        ),
+        (
+            vec![("CLIENT_PRODUCTS", format!(r#"{{"{long}": ["demo"]}}"#))],
+            "API_KEY_SERVER_CLIENT_PRODUCTS",
+        ),
+        (
+            vec![("CLIENT_PRODUCTS", format!(r#"{{"desk": ["demo", "{long}"]}}"#))],
+            "API_KEY_SERVER_CLIENT_PRODUCTS",
+        ),
+        (
+            vec![("CLIENT_LIMITS", format!(r#"{{"{long}": {{"capacity": 1}}}}"#))],
+            "API_KEY_SERVER_CLIENT_LIMITS",
+        ),
+        (
+            vec![("PRODUCT_LIMITS", format!(r#"{{"{long}": {{"capacity": 1}}}}"#))],
+            "API_KEY_SERVER_PRODUCT_LIMITS",
+        ),
+        (
+            vec![("PRODUCT_KEYS", r#"{"demo": "sk-a", "": "sk-b"}"#.to_owned())],
+            "API_KEY_SERVER_PRODUCT_KEYS",
+        ),
+    ];
+    for (vars, variable) in cases {
+        let mut env = base_env(upstream);
+        for (name, value) in &vars {
+            set(&mut env, name, value);
+        }
+        assert_refused(&env, variable, &[&long, PRODUCT_KEY, HMAC_SECRET]).await;
+    }
+}
+
 #[tokio::test]
 async fn unknown_variables_are_warned_about_by_name_only_and_port_0_is_logged() {
     let upstream = MockUpstream::openai().await;
@@ -237,4 +297,34 @@ async fn the_drain_ends_after_the_grace_period() {
         started.elapsed() < Duration::from_secs(5),
         "exited after the grace period, not the stream's end"
     );
+}
+
+#[tokio::test]
+async fn a_redis_ca_cert_without_a_parsable_certificate_exits_2() {
+    let upstream = "http://127.0.0.1:9/v1/chat/completions";
+    let key_body = |fixture: &str| {
+        common::fixture(fixture)
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let as_certificate = |body: &str| format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+    let cases = [
+        // Valid base64, not DER at all.
+        as_certificate("AAAA"),
+        // DER, but a public key rather than a certificate.
+        as_certificate(&key_body("jwt-public.pem")),
+        // PEM with no certificate in it.
+        common::fixture("jwt-public.pem"),
+        common::fixture("jwt-private.pem"),
+        // Not PEM.
+        "x".to_owned(),
+    ];
+    for ca in cases {
+        let mut env = base_env(upstream);
+        set(&mut env, "REDIS_URL", "rediss://:SECRETVALUE@127.0.0.1:6380");
+        set(&mut env, "REDIS_CA_CERT", &ca);
+        assert_refused(&env, "API_KEY_SERVER_REDIS_CA_CERT", &["SECRETVALUE", "AAAA"]).await;
+    }
 }

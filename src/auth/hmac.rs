@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use http::{HeaderMap, HeaderValue, Method};
@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::nonce::{Claim, NonceStore};
 use super::{AuthError, Identity};
+use crate::clock::Clock;
 use crate::settings::{HmacSettings, Secret};
 use crate::store::Store;
 
@@ -29,6 +30,7 @@ pub struct HmacVerifier {
     tolerance: u64,
     require_nonce: bool,
     nonces: NonceStore,
+    clock: Clock,
 }
 
 /// The signed headers of one request, borrowed from the request.
@@ -47,6 +49,16 @@ impl HmacVerifier {
         products: &HashMap<Arc<str>, Secret<HeaderValue>>,
         store: Option<Arc<Store>>,
     ) -> Self {
+        Self::with_clock(settings, products, store, Clock::system())
+    }
+
+    /// As [`HmacVerifier::new`], timestamps and nonce windows read from `clock`.
+    pub fn with_clock(
+        settings: &HmacSettings,
+        products: &HashMap<Arc<str>, Secret<HeaderValue>>,
+        store: Option<Arc<Store>>,
+        clock: Clock,
+    ) -> Self {
         Self {
             secrets: settings.secrets.clone(),
             clients: settings
@@ -58,7 +70,8 @@ impl HmacVerifier {
             products: products.keys().cloned().collect(),
             tolerance: settings.clock_tolerance.as_secs(),
             require_nonce: settings.require_nonce,
-            nonces: NonceStore::new(settings.nonce_capacity, store),
+            nonces: NonceStore::new(settings.nonce_capacity, store, clock.clone()),
+            clock,
         }
     }
 
@@ -92,7 +105,11 @@ impl HmacVerifier {
         if !signed.nonce.is_empty() {
             // Remember the nonce until its timestamp leaves the window: after that the
             // timestamp check refuses the replay by itself.
-            let ttl = Duration::from_secs((timestamp + self.tolerance + 1).saturating_sub(unix_now()).max(1));
+            let ttl = Duration::from_secs(
+                (timestamp + self.tolerance + 1)
+                    .saturating_sub(self.clock.wall().as_secs())
+                    .max(1),
+            );
             match self.nonces.claim(client, signed.nonce, ttl).await {
                 Claim::Fresh => {}
                 Claim::Replayed => return Err(AuthError::ReplayedNonce),
@@ -133,12 +150,23 @@ impl HmacVerifier {
             None if self.require_nonce => return Err(AuthError::InvalidSignature),
             None => "",
         };
+        // Ids longer than the contract's bound are malformed headers, refused before any
+        // work: they would otherwise grow the limiter's memory and every log line.
+        let id = |name: &str| {
+            required(name).and_then(|v| {
+                if super::is_valid_id(v) {
+                    Ok(v)
+                } else {
+                    Err(AuthError::InvalidSignature)
+                }
+            })
+        };
         Ok(Signed {
-            client: required("x-client-id")?,
+            client: id("x-client-id")?,
             timestamp: required("x-timestamp")?,
             nonce,
-            product: required("x-product-id")?,
-            user: required("x-user-id")?,
+            product: id("x-product-id")?,
+            user: id("x-user-id")?,
             signature: required("x-signature")?,
         })
     }
@@ -150,7 +178,7 @@ impl HmacVerifier {
         } else {
             return Err(AuthError::InvalidSignature);
         };
-        if timestamp.abs_diff(unix_now()) > self.tolerance {
+        if timestamp.abs_diff(self.clock.wall().as_secs()) > self.tolerance {
             return Err(AuthError::TimestampOutOfRange);
         }
         Ok(timestamp)
@@ -185,10 +213,6 @@ fn decode_signature(hex_signature: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_signature, &mut out).ok()?;
     Some(out)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

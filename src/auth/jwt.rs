@@ -6,15 +6,20 @@
 //! because jsonwebtoken reads them as integers and never looks at `iat`.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use http::{HeaderMap, HeaderValue, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
 use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
+use crate::clock::Clock;
 use crate::settings::{JwtSettings, Secret};
 
 /// Tokens longer than this are refused before any parsing: a real client token is well
@@ -73,6 +78,49 @@ fn der_push(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     out.extend_from_slice(content);
 }
 
+/// `T` read only from a JSON object. serde's derived `Deserialize` also accepts an array
+/// of the fields in order, so `["alice","demo",...]` would pass as claims (contract:
+/// claims that are not an object are 401).
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Visitor(PhantomData)).map(Object)
+    }
+}
+
+/// The JOSE header fields this service reads. jsonwebtoken's `Header` reads `"crit": null`
+/// as no `crit` at all; here any `crit` member counts.
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: Option<String>,
+    kid: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// True for a member that is present, whatever its value (`null` included).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    de::IgnoredAny::deserialize(deserializer).map(|_| true)
+}
+
+/// The header of `token`, if it is a JSON object.
+fn jose_header(token: &str) -> Option<JoseHeader> {
+    let (encoded, _) = token.split_once('.')?;
+    let json = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+    serde_json::from_slice::<Object<JoseHeader>>(&json).ok().map(|h| h.0)
+}
+
 /// The claims this service reads. Numbers are `f64`: a `NumericDate` may be fractional.
 #[derive(Deserialize)]
 struct Claims {
@@ -91,10 +139,16 @@ pub struct JwtVerifier {
     leeway: f64,
     /// Tokens that verified, so a token sent again costs a hash, not an RSA verification.
     cache: TokenCache,
+    clock: Clock,
 }
 
 impl JwtVerifier {
     pub fn new(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>) -> Self {
+        Self::with_clock(settings, products, Clock::system())
+    }
+
+    /// As [`JwtVerifier::new`], time claims checked against `clock`.
+    pub fn with_clock(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>, clock: Clock) -> Self {
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = vec![Algorithm::RS256];
         // Time claims are ours (fractional, and `iat` too); jsonwebtoken would read them
@@ -124,6 +178,7 @@ impl JwtVerifier {
             max_ttl: settings.max_ttl.as_secs_f64(),
             leeway: settings.leeway.as_secs_f64(),
             cache: TokenCache::default(),
+            clock,
         }
     }
 
@@ -133,7 +188,7 @@ impl JwtVerifier {
             return Err(AuthError::InvalidToken);
         };
         let token = bearer_token(value).ok_or(AuthError::InvalidToken)?;
-        let now = now();
+        let now = self.clock.unix_seconds();
         // Only verified tokens are cached; `exp` and `nbf` are checked again on every hit.
         if let Some(hit) = self.cache.get(token, now, self.leeway) {
             return Ok(Identity {
@@ -143,8 +198,11 @@ impl JwtVerifier {
             });
         }
 
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken)?;
-        if header.alg != Algorithm::RS256 {
+        // jsonwebtoken checks `alg` again against the validation's list; `crit` it ignores:
+        // no extension is understood here, so a header that names one is refused
+        // (RFC 7515 4.1.11).
+        let header = jose_header(token).ok_or(AuthError::InvalidToken)?;
+        if header.alg.as_deref() != Some("RS256") || header.crit {
             return Err(AuthError::InvalidToken);
         }
         let key = header
@@ -152,7 +210,7 @@ impl JwtVerifier {
             .as_deref()
             .and_then(|kid| self.keys.get(kid))
             .ok_or(AuthError::InvalidToken)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+        let Object(claims) = jsonwebtoken::decode::<Object<Claims>>(token, key, &self.validation)
             .map_err(|_| AuthError::InvalidToken)?
             .claims;
 
@@ -160,7 +218,7 @@ impl JwtVerifier {
         else {
             return Err(AuthError::InvalidToken);
         };
-        if user.is_empty() {
+        if !super::is_valid_id(&user) || !super::is_valid_id(&product) {
             return Err(AuthError::InvalidToken);
         }
         self.check_times(now, exp, iat, claims.nbf)?;
@@ -207,13 +265,6 @@ fn bearer_token(value: &HeaderValue) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_TOKEN_BYTES).then_some(token)
-}
-
-/// Unix time in seconds, fractional.
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 
+// A poisoned shard is still a valid cache: every entry in it was verified.
+use crate::lock::lock;
+
 /// What a verified token yields, as the verifier needs it on a hit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cached {
@@ -108,11 +111,6 @@ impl Default for TokenCache {
 
 fn key(token: &str) -> Key {
     Sha256::digest(token.as_bytes()).into()
-}
-
-/// A poisoned shard is still a valid cache: every entry in it was verified.
-fn lock(shard: &Mutex<HashMap<Key, Cached>>) -> MutexGuard<'_, HashMap<Key, Cached>> {
-    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! Each decision runs under one shard's `std::sync::Mutex` and never across an `.await`,
 //! so N concurrent requests of one identity admit exactly what the bucket holds. It must
 //! never grow without bound: idle identities are swept and a hard cap evicts the least
-//! recently admitted ones (see [`MAX_ENTRIES`]).
+//! recently admitted ones (see [`MAX_ENTRIES`]). It must never forget an identity whose
+//! daily quota is used up before its day ends: else a flood of new identities would hand
+//! it a fresh quota.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -12,6 +14,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Decision, Key, Outcome, RateLimitHeaders};
+// A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
+use crate::lock::lock;
 use crate::settings::Limits;
 
 const MICROS_PER_SECOND: f64 = 1_000_000.0;
@@ -23,9 +27,10 @@ const SECONDS_PER_DAY: u64 = 86_400;
 /// identity of a busy day's traffic per instance. Past it, a flood of distinct users
 /// evicts the least recently admitted identities: they restart from a full bucket and a
 /// zero count, the cheapest state to lose (an identity busy right now keeps its state).
+/// Identities whose daily quota is used up are never evicted before their day ends; a
+/// shard full of them refuses new identities until then (see [`MemoryLimiter::decide`]).
 pub(crate) const MAX_ENTRIES: usize = 131_072;
 const SHARDS: usize = 32;
-const SHARD_CAP: usize = MAX_ENTRIES / SHARDS;
 /// A shard sweeps its idle entries when it grows to this size, then when it doubles.
 const FIRST_SWEEP: usize = 256;
 
@@ -41,9 +46,17 @@ pub(crate) struct Entry {
     /// The UTC day (days since the epoch) `used` counts.
     pub day: u64,
     pub used: u64,
+    /// `used` reached the daily quota on `day`.
+    pub used_up: bool,
 }
 
 impl Entry {
+    /// True when this identity's quota is used up for `today`: it must be kept until the
+    /// day ends, whatever else arrives.
+    fn is_used_up(&self, today: u64) -> bool {
+        self.used_up && self.day == today
+    }
+
     /// True when forgetting this entry changes no future decision.
     fn is_idle(&self, now_us: u64) -> bool {
         now_us >= self.full_at_us && self.day < now_us / 1_000_000 / SECONDS_PER_DAY
@@ -103,6 +116,7 @@ pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64) -> (Deci
         full_at_us: now_us.saturating_add(to_full_us.min(u64::MAX as f64) as u64),
         day: today,
         used: used + 1,
+        used_up: used + 1 >= limits.daily_quota.get(),
     };
     let decision = Decision {
         outcome: Outcome::Admitted,
@@ -116,12 +130,18 @@ struct Shard {
     entries: HashMap<Key, Entry>,
     /// The size at which the next insert sweeps idle entries first.
     sweep_at: usize,
+    /// The day on which this shard was found full of used-up identities: it stays so
+    /// until that day ends (none can be forgotten, none can be added), so inserts that
+    /// day are refused without scanning the shard again.
+    full_on_day: Option<u64>,
 }
 
 /// Buckets and daily counters of every identity this instance decided in memory.
 pub(crate) struct MemoryLimiter {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    /// The most identities one shard holds.
+    shard_cap: usize,
 }
 
 impl Default for MemoryLimiter {
@@ -132,30 +152,44 @@ impl Default for MemoryLimiter {
 
 impl MemoryLimiter {
     pub fn new() -> Self {
+        Self::with_max_entries(MAX_ENTRIES)
+    }
+
+    /// A limiter that holds at most `max_entries` identities (rounded down to a multiple
+    /// of the shard count, at least one per shard): tests use a small cap.
+    pub fn with_max_entries(max_entries: usize) -> Self {
+        let shard_cap = (max_entries / SHARDS).max(1);
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
                     entries: HashMap::new(),
-                    sweep_at: FIRST_SWEEP,
+                    sweep_at: FIRST_SWEEP.min(shard_cap),
+                    full_on_day: None,
                 })
             })
             .collect();
         Self {
             shards,
             hasher: RandomState::new(),
+            shard_cap,
         }
     }
 
     /// Decides one request of `key` at `now_us` (unix microseconds).
+    ///
+    /// A new identity whose shard is full of identities with a used-up quota cannot be
+    /// remembered, and admitting it unremembered would leave it unlimited: it is refused
+    /// as rate limited until the day ends, when those identities may be forgotten.
     pub fn decide(&self, key: &Key, limits: &Limits, now_us: u64) -> Decision {
         let mut shard = self.shard(key);
         let (decision, entry) = step(shard.entries.get(key), limits, now_us);
         if let Some(entry) = entry {
             if let Some(slot) = shard.entries.get_mut(key) {
                 *slot = entry;
-            } else {
-                shard.make_room(now_us);
+            } else if shard.make_room(now_us, self.shard_cap) {
                 shard.entries.insert(key.clone(), entry);
+            } else {
+                return no_room(limits, now_us);
             }
         }
         decision
@@ -176,27 +210,52 @@ impl MemoryLimiter {
 
 impl Shard {
     /// Before inserting a new identity: sweep idle entries when the shard has grown
-    /// (amortised: the threshold doubles), and evict the least recently admitted eighth
-    /// when it is still at its cap.
-    fn make_room(&mut self, now_us: u64) {
+    /// (amortised: the threshold doubles), and when it is still at its cap evict the
+    /// least recently admitted eighth of the identities whose quota is not used up.
+    /// False when there is still no room: every identity left has used up its quota.
+    fn make_room(&mut self, now_us: u64, cap: usize) -> bool {
         if self.entries.len() < self.sweep_at {
-            return;
+            return true;
+        }
+        let today = now_us / 1_000_000 / SECONDS_PER_DAY;
+        if self.full_on_day == Some(today) {
+            return false;
         }
         self.entries.retain(|_, e| !e.is_idle(now_us));
-        if self.entries.len() >= SHARD_CAP {
-            let mut ages: Vec<u64> = self.entries.values().map(|e| e.at_us).collect();
-            let cut = SHARD_CAP / 8;
-            let (_, nth, _) = ages.select_nth_unstable(cut);
-            let oldest_kept = *nth;
-            self.entries.retain(|_, e| e.at_us > oldest_kept);
+        if self.entries.len() >= cap {
+            let mut ages: Vec<u64> = self
+                .entries
+                .values()
+                .filter(|e| !e.is_used_up(today))
+                .map(|e| e.at_us)
+                .collect();
+            if !ages.is_empty() {
+                let cut = (cap / 8).min(ages.len() - 1);
+                let (_, nth, _) = ages.select_nth_unstable(cut);
+                let oldest_kept = *nth;
+                self.entries.retain(|_, e| e.is_used_up(today) || e.at_us > oldest_kept);
+            }
         }
-        self.sweep_at = (self.entries.len() * 2).clamp(FIRST_SWEEP, SHARD_CAP);
+        self.sweep_at = (self.entries.len() * 2).clamp(FIRST_SWEEP.min(cap), cap);
+        let room = self.entries.len() < cap;
+        self.full_on_day = (!room).then_some(today);
+        room
     }
 }
 
-/// A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The refusal of a new identity that cannot be remembered: until the day ends.
+fn no_room(limits: &Limits, now_us: u64) -> Decision {
+    let today = now_us / 1_000_000 / SECONDS_PER_DAY;
+    let to_midnight = Duration::from_micros((today + 1) * SECONDS_PER_DAY * 1_000_000 - now_us);
+    Decision {
+        outcome: Outcome::RateLimited,
+        headers: RateLimitHeaders {
+            limit: limits.capacity.get(),
+            remaining: 0,
+            reset: to_midnight,
+        },
+        retry_after: to_midnight,
+    }
 }
 
 #[cfg(test)]
@@ -332,6 +391,62 @@ mod tests {
         let now = NOON + (MAX_ENTRIES + MAX_ENTRIES / 2) as u64;
         assert_eq!(m.decide(&last, &l, now).outcome, Outcome::Admitted);
         assert_eq!(m.decide(&last, &l, now).outcome, Outcome::RateLimited);
+    }
+
+    #[test]
+    fn a_flood_of_new_identities_never_resets_a_used_up_quota() {
+        let m = MemoryLimiter::with_max_entries(SHARDS * 8);
+        let l = limits(10, 1.0, 2);
+        let victim = user("victim");
+        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::QuotaExceeded);
+        // Twenty times the cap of new identities, each admitted once (quota not used up):
+        // the least recently admitted go, the victim is never among them.
+        for i in 0..SHARDS * 8 * 20 {
+            let now = NOON + 1 + i as u64;
+            assert_eq!(
+                m.decide(&user(&format!("flood-{i}")), &l, now).outcome,
+                Outcome::Admitted
+            );
+        }
+        assert!(m.len() <= SHARDS * 8, "{} entries", m.len());
+        let later = NOON + SEC;
+        assert_eq!(m.decide(&victim, &l, later).outcome, Outcome::QuotaExceeded);
+        // Its day ends: then it may be forgotten, and its quota starts again anyway.
+        let midnight = NOON + 12 * 3600 * SEC;
+        assert_eq!(m.decide(&victim, &l, midnight).outcome, Outcome::Admitted);
+    }
+
+    #[test]
+    fn a_shard_full_of_used_up_identities_refuses_new_ones_until_the_day_ends() {
+        // One identity per shard, each with a quota of one: the first identity of each
+        // shard uses its quota up and fills the shard.
+        let m = MemoryLimiter::with_max_entries(SHARDS);
+        let l = limits(10, 1.0, 1);
+        let mut admitted = Vec::new();
+        for i in 0..SHARDS * 40 {
+            let d = m.decide(&user(&format!("u-{i}")), &l, NOON);
+            match d.outcome {
+                Outcome::Admitted => admitted.push(i),
+                Outcome::RateLimited => {
+                    assert_eq!(d.retry_after, Duration::from_secs(12 * 3600));
+                    assert_eq!(d.headers.remaining, 0);
+                }
+                Outcome::QuotaExceeded => panic!("a new identity has its whole quota"),
+            }
+        }
+        assert_eq!(admitted.len(), SHARDS, "one per shard");
+        assert_eq!(m.len(), SHARDS);
+        // The used-up ones stay refused by their quota, not forgotten.
+        for i in &admitted {
+            assert_eq!(
+                m.decide(&user(&format!("u-{i}")), &l, NOON + SEC).outcome,
+                Outcome::QuotaExceeded
+            );
+        }
+        let midnight = NOON + 12 * 3600 * SEC;
+        assert_eq!(m.decide(&user("next-day"), &l, midnight).outcome, Outcome::Admitted);
     }
 
     #[test]

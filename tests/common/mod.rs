@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use api_key_server::clock::Clock;
 use api_key_server::server::{self, Running};
 use api_key_server::settings::Settings;
 use axum::Router;
@@ -106,6 +107,22 @@ impl TestApp {
 
     pub async fn spawn_env(env: HashMap<String, String>) -> Self {
         let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings are valid");
+        Self::spawn_settings(settings).await
+    }
+
+    /// As [`TestApp::spawn`], with time read from `clock` (a `ManualClock` the test moves:
+    /// tokens, timestamps and buckets see the time it says).
+    pub async fn spawn_with_clock(upstream_url: &str, overrides: &[(&str, &str)], clock: Clock) -> Self {
+        let mut env = base_env(upstream_url);
+        for (k, v) in overrides {
+            set(&mut env, k, v);
+        }
+        let mut settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings are valid");
+        settings.clock = clock;
+        Self::spawn_settings(settings).await
+    }
+
+    async fn spawn_settings(settings: Settings) -> Self {
         let running = server::start(settings, IpAddr::V4(Ipv4Addr::LOCALHOST))
             .await
             .expect("bind");
