@@ -39,7 +39,7 @@ unset RUST_LOG
 parts=(
     "router|router/by-hand router/axum router/none|2000|22000|500000"
     "log|log/direct log/tracing log/text log/off|2000|12000|200000"
-    "time|time/by-hand time/tracing-subscriber time/time-crate|2000|22000|1000000"
+    "time|time/jiff time/tracing-subscriber time/time-crate|2000|22000|1000000"
     "pool|pool/by-hand pool/legacy-client|200|1200|20000"
 )
 

@@ -9,9 +9,10 @@
 //!   tracing-subscriber's own text formatter (`log/text`, `LOG_FORMAT=text`); `log/off`
 //!   is the part of [`LogLine`] that is not the line (request id, metrics), with the
 //!   request line filtered out. Lines go to stdout.
-//! - `time/*`: the line's RFC 3339 timestamp with microseconds, from
-//!   `src/telemetry/cloud_logging/time.rs` (compiled here from the same file), from
-//!   tracing-subscriber's `SystemTime` (which it replaced) and from the `time` crate.
+//! - `time/*`: the line's RFC 3339 timestamp with microseconds, from jiff's `Timestamp`
+//!   (what the line uses since the hand-written formatter measured here did not earn its
+//!   lines: docs/benchmarks.md), from tracing-subscriber's `SystemTime` and from the
+//!   `time` crate.
 //! - `pool/*`: one chat request through [`Upstream::forward`] (today's pool) and through
 //!   the legacy client it replaced, to a mock upstream in another process on loopback,
 //!   the answer read to its end.
@@ -28,14 +29,6 @@
     clippy::print_stdout,
     reason = "a benchmark harness, whose children report on stdout"
 )]
-
-#[allow(
-    dead_code,
-    unused_imports,
-    reason = "the crate's own source; its tests are not compiled into this harness"
-)]
-#[path = "../src/telemetry/cloud_logging/time.rs"]
-mod time_by_hand;
 
 #[path = "replaced/legacy_client.rs"]
 mod legacy_client;
@@ -81,7 +74,7 @@ const VARIANTS: [&str; 12] = [
     "log/tracing",
     "log/text",
     "log/off",
-    "time/by-hand",
+    "time/jiff",
     "time/tracing-subscriber",
     "time/time-crate",
     "pool/by-hand",
@@ -268,7 +261,10 @@ fn timestamp(variant: &str, n: u64) -> Duration {
         text.clear();
         bytes.clear();
         match variant {
-            "time/by-hand" => time_by_hand::write_rfc3339(&mut text, SystemTime::now()).unwrap(),
+            "time/jiff" => {
+                let now = jiff::Timestamp::try_from(SystemTime::now()).unwrap();
+                std::fmt::Write::write_fmt(&mut text, format_args!("{now:.6}")).unwrap();
+            }
             "time/tracing-subscriber" => tracing_subscriber::fmt::time::SystemTime
                 .format_time(&mut Writer::new(&mut text))
                 .unwrap(),
@@ -450,7 +446,7 @@ fn check() {
     // The three timestamps have one form (digit for digit; their values were read at
     // different times).
     let form = |variant: &str| outputs[variant].trim().replace(|c: char| c.is_ascii_digit(), "0");
-    assert_eq!(form("time/by-hand"), "0000-00-00T00:00:00.000000Z");
-    assert_eq!(form("time/tracing-subscriber"), form("time/by-hand"));
-    assert_eq!(form("time/time-crate"), form("time/by-hand"));
+    assert_eq!(form("time/jiff"), "0000-00-00T00:00:00.000000Z");
+    assert_eq!(form("time/tracing-subscriber"), form("time/jiff"));
+    assert_eq!(form("time/time-crate"), form("time/jiff"));
 }

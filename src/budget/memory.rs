@@ -15,11 +15,12 @@
 //! (`reservation_ttl` + 1 hour after the day ends, as the Redis keys).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{Decision, Nanos, ReservationId, Scope, Settlement, Spend};
 use crate::day::Day;
+use crate::lock::lock;
 
 /// Default caps: about 100 MB at worst, far above what one instance sees in a day.
 pub const DEFAULT_MAX_SCOPES: usize = 1_000_000;
@@ -252,12 +253,6 @@ fn sweep(scope: &mut ScopeState, now: i64) -> usize {
     scope.spend = scope.spend.saturating_add(charged).min(Nanos::MAX.0);
     scope.next_due = next_due;
     removed
-}
-
-/// A poisoned lock only means a panic elsewhere; the counters stay consistent because
-/// every update above completes without panicking.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

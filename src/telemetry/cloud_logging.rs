@@ -14,8 +14,6 @@
 //! same head (`severity`, `time`, `target`), keys and escaping, with the same functions.
 //! This module never adds anything that was not a field (so never a body or a secret).
 
-mod time;
-
 use std::cell::Cell;
 use std::fmt::{self, Write};
 use std::io::Write as _;
@@ -166,7 +164,10 @@ fn write_head(out: &mut impl Write, level: Level, target: &str, now: SystemTime)
     out.write_str("{\"severity\":\"")?;
     out.write_str(severity(level))?;
     out.write_str("\",\"time\":\"")?;
-    time::write_rfc3339(out, now)?;
+    // RFC 3339 in UTC with microseconds (`2024-05-01T12:34:56.789012Z`), as
+    // tracing-subscriber writes it for the other lines.
+    let now = jiff::Timestamp::try_from(now).map_err(|_| fmt::Error)?;
+    write!(out, "{now:.6}")?;
     out.write_str("\",\"target\":")?;
     write_json_str(out, target)
 }
