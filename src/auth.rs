@@ -72,8 +72,8 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(settings: &Settings, store: Option<Arc<Store>>) -> Self {
         Self {
-            jwt: jwt::JwtVerifier::new(&settings.jwt, &settings.product_keys),
-            hmac: hmac::HmacVerifier::new(&settings.hmac, &settings.product_keys, store),
+            jwt: jwt::JwtVerifier::new(&settings.jwt, &settings.products),
+            hmac: hmac::HmacVerifier::new(&settings.hmac, &settings.products, store),
         }
     }
 
