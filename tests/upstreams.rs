@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use common::{COMPLETION, HMAC_SECRET, MockUpstream, PRODUCT, PRODUCT_KEY, base_env, binary, error_of, jwt, set};
 use http::{HeaderValue, StatusCode};
