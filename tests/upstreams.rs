@@ -156,7 +156,8 @@ async fn checking_upstream(path: &str, check: fn(&HeaderMap) -> bool) -> MockUps
 
 /// A mock metadata server: the n-th token fetch (from 1) answers `ya29.SECRET-token-n`
 /// with the n-th of `lifetimes` (the last repeats) as `expires_in`. A fetch waits for a
-/// permit of `gate` first (tests hold one back to keep a fetch in flight).
+/// permit of `gate` first (tests hold one back to keep a fetch in flight), and then
+/// answers after `delay` (a slow metadata server).
 struct Metadata {
     addr: SocketAddr,
     fetches: Arc<AtomicUsize>,
@@ -166,6 +167,10 @@ struct Metadata {
 
 impl Metadata {
     async fn start(lifetimes: &'static [u64], permits: usize) -> Self {
+        Self::slow(lifetimes, permits, Duration::ZERO).await
+    }
+
+    async fn slow(lifetimes: &'static [u64], permits: usize, delay: Duration) -> Self {
         let fetches: Arc<AtomicUsize> = Arc::default();
         let gate = Arc::new(Semaphore::new(permits));
         let (counted, gated) = (fetches.clone(), gate.clone());
@@ -179,6 +184,7 @@ impl Metadata {
                     }
                     let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
                     gated.acquire().await.unwrap().forget();
+                    tokio::time::sleep(delay).await;
                     let lifetime = lifetimes[(n - 1).min(lifetimes.len() - 1)];
                     let body = serde_json::json!({
                         "access_token": format!("{TOKEN_PREFIX}{n}"),
@@ -357,8 +363,8 @@ async fn an_expired_token_is_fetched_again_and_the_new_one_cached() {
 async fn concurrent_requests_without_a_token_share_exactly_one_fetch() {
     let default = MockUpstream::openai().await;
     let vertex = vertex().await;
-    // The fetch is held until every request is on its way.
-    let metadata = Metadata::start(&[3600], 0).await;
+    // A slow metadata server: the requests pile up behind its one fetch.
+    let metadata = Metadata::slow(&[3600], usize::MAX >> 4, Duration::from_secs(2)).await;
     let env = google_env(&default.url(), vertex.addr, &metadata.addr.to_string());
     let process = Arc::new(Process::start(&env).await);
     let requests: Vec<_> = (0..20)
@@ -367,13 +373,6 @@ async fn concurrent_requests_without_a_token_share_exactly_one_fetch() {
             tokio::spawn(async move { process.chat("gemini", GEMINI).await.status() })
         })
         .collect();
-    // Wait (bounded) for the one fetch to arrive, then let it answer.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while metadata.fetches() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "a fetch starts");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    metadata.gate.add_permits(100);
     for request in requests {
         assert_eq!(request.await.unwrap(), 200);
     }
