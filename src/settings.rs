@@ -312,11 +312,7 @@ impl Settings {
 
         let product_upstreams = env.product_upstreams()?;
         let product_keys = env.product_keys(&product_upstreams)?;
-        let products: HashSet<Arc<str>> = product_keys
-            .keys()
-            .chain(product_upstreams.keys())
-            .cloned()
-            .collect();
+        let products: HashSet<Arc<str>> = product_keys.keys().chain(product_upstreams.keys()).cloned().collect();
         let metadata_host = env.metadata_host()?;
         let jwt = env.jwt()?;
         let hmac = env.hmac(&products)?;
@@ -662,11 +658,7 @@ impl Env<'_> {
         }))
     }
 
-    fn limits(
-        &self,
-        products: &HashSet<Arc<str>>,
-        hmac: &HmacSettings,
-    ) -> Result<LimitSettings, SettingsError> {
+    fn limits(&self, products: &HashSet<Arc<str>>, hmac: &HmacSettings) -> Result<LimitSettings, SettingsError> {
         let capacity = self
             .positive_int::<u32>("RATE_LIMIT_CAPACITY")?
             .and_then(NonZeroU32::new)

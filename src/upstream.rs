@@ -30,7 +30,7 @@ use tokio::time::{Instant, Sleep};
 
 use self::credentials::{Credential, GoogleTokens};
 use self::pool::Pool;
-use crate::settings::{Settings, UpstreamAuth};
+use crate::settings::{Secret, Settings, UpstreamAuth};
 
 /// Why the upstream gave no usable response (502 `upstream_error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -110,11 +110,9 @@ impl Upstreams {
                 url.authority().map_or("", |a| a.as_str())
             )
             .to_ascii_lowercase();
-            Arc::clone(
-                pools
-                    .entry(origin)
-                    .or_insert_with_key(|origin| Pool::new(format!("{origin}/").parse().expect("an origin of a valid URI"))),
-            )
+            Arc::clone(pools.entry(origin).or_insert_with_key(|origin| {
+                Pool::new(format!("{origin}/").parse().expect("an origin of a valid URI"))
+            }))
         };
         // One cache for every `google` product: they all act as the instance's account.
         let google = settings
@@ -131,7 +129,7 @@ impl Upstreams {
             .trim_end_matches('/');
         let mut products = HashMap::with_capacity(settings.products.len());
         for product in &settings.products {
-            let key = settings.product_keys.get(product).map(|k| k.expose());
+            let key = settings.product_keys.get(product).map(Secret::expose);
             let upstream = match settings.product_upstreams.get(product) {
                 Some(own) => {
                     let credential = match (own.auth, key, &google) {
@@ -264,7 +262,8 @@ impl Upstream {
     /// The origin-form request target: the base path, then the client's path after `/v1`
     /// (with the default upstream's query, if any, before the client's own).
     fn target(&self, path: &str) -> Result<Uri, UpstreamError> {
-        let mut target = String::with_capacity(self.base.len() + path.len() + self.query.as_ref().map_or(0, |q| q.len() + 2));
+        let mut target =
+            String::with_capacity(self.base.len() + path.len() + self.query.as_ref().map_or(0, |q| q.len() + 2));
         target.push_str(&self.base);
         match &self.query {
             None => target.push_str(path),

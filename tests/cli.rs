@@ -492,7 +492,24 @@ async fn dev_serves_the_whole_path_offline_and_stops_on_sigterm() {
     }
     assert_eq!(request.send().await.unwrap().status(), 200);
 
-    // Product `partner` goes to an upstream of its own, with its own models.
+    let pid = dev.child.id().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), dev.child.wait())
+        .await
+        .expect("dev stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", dev.output.lock().unwrap().join("\n"));
+}
+
+#[tokio::test]
+async fn dev_shows_a_second_product_on_an_upstream_of_its_own() {
+    let dev = Dev::start().await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token = dev.banner["JWT"].clone();
     let partner = dev.banner["PARTNER_JWT"].clone();
     let partner_chat = r#"{"model":"partner-chat-mini","messages":[{"role":"user","content":"ping"}]}"#;
     let response = client
@@ -525,16 +542,4 @@ async fn dev_serves_the_whole_path_offline_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(other.status(), 400, "demo's models are the default ones");
-
-    let pid = dev.child.id().unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(15), dev.child.wait())
-        .await
-        .expect("dev stops after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{}", dev.output.lock().unwrap().join("\n"));
 }

@@ -133,7 +133,14 @@ async fn first_port(mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) -> u16
             continue;
         }
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        return value["address"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        return value["address"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
     }
     panic!("the binary ended before it logged its address")
 }
@@ -298,7 +305,12 @@ async fn each_product_reaches_its_own_upstream_with_its_own_credential_and_model
 
     // `/v1/models`: the caller's product's models.
     let ids = |v: serde_json::Value| -> Vec<String> {
-        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
     };
     let listed = process.get("compat", "/v1/models").await.json().await.unwrap();
     assert_eq!(ids(listed), ["llama-3.1-8b", "bge-m3"]);
@@ -439,7 +451,10 @@ async fn no_token_is_a_retryable_502_and_nothing_goes_upstream() {
         assert_eq!(response.status(), 502);
         assert_eq!(response.headers()["x-should-retry"], "true");
         let (kind, code, _) = error_of(response).await;
-        assert_eq!((kind.as_str(), code.as_str()), ("upstream_error", "upstream_credentials_unavailable"));
+        assert_eq!(
+            (kind.as_str(), code.as_str()),
+            ("upstream_error", "upstream_credentials_unavailable")
+        );
     }
     // Earlier checks still come first: a model the product may not use is a 400.
     assert_eq!(process.chat("gemini", "gpt-4o").await.status(), 400);
@@ -490,21 +505,60 @@ async fn invalid_product_upstreams_exit_2_naming_the_variable_and_product_never_
     let upstream = "http://127.0.0.1:9/v1/chat/completions";
     let entry = |json: &str| format!(r#"{{"vendorx": {json}}}"#);
     let cases: Vec<(String, &str)> = vec![
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","extra":1}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","models":[]}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","embedding_models":[]}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"http://SECRETVALUE.example.com/v1"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"http://10.0.0.1/SECRETVALUE"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"ftp://SECRETVALUE.example.com/v1"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://x.example.com/v1?api-key=SECRETVALUE"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"google"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.googleapis.com.evil.com/v1","auth":"google"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"SECRETVALUE"}"#), "PRODUCT_UPSTREAMS"),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","extra":1}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","models":[]}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","embedding_models":[]}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"http://SECRETVALUE.example.com/v1"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"http://10.0.0.1/SECRETVALUE"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"ftp://SECRETVALUE.example.com/v1"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://x.example.com/v1?api-key=SECRETVALUE"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"google"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.googleapis.com.evil.com/v1","auth":"google"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"SECRETVALUE"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
         (entry(r#"{"auth":"bearer"}"#), "PRODUCT_UPSTREAMS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","stream_usage":"SECRETVALUE"}"#), "PRODUCT_UPSTREAMS"),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","stream_usage":"SECRETVALUE"}"#),
+            "PRODUCT_UPSTREAMS",
+        ),
         // No key for a product whose upstream needs one.
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"api-key"}"#), "PRODUCT_KEYS"),
-        (entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1"}"#), "PRODUCT_KEYS"),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1","auth":"api-key"}"#),
+            "PRODUCT_KEYS",
+        ),
+        (
+            entry(r#"{"base_url":"https://SECRETVALUE.example.com/v1"}"#),
+            "PRODUCT_KEYS",
+        ),
     ];
     for (upstreams, variable) in cases {
         let mut env = base_env(upstream);
@@ -513,7 +567,10 @@ async fn invalid_product_upstreams_exit_2_naming_the_variable_and_product_never_
         assert_eq!(code, 2, "{upstreams}: {stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line for {upstreams}: {stderr}");
-        assert!(lines[0].contains(&format!("API_KEY_SERVER_{variable}")), "{variable} in {stderr}");
+        assert!(
+            lines[0].contains(&format!("API_KEY_SERVER_{variable}")),
+            "{variable} in {stderr}"
+        );
         assert!(lines[0].contains("vendorx"), "the product in {stderr}");
         for secret in ["SECRETVALUE", PRODUCT_KEY, HMAC_SECRET] {
             assert!(
@@ -533,5 +590,8 @@ async fn invalid_product_upstreams_exit_2_naming_the_variable_and_product_never_
     let env = base_env("http://127.0.0.1:9/v1/SECRETVALUE");
     let (code, stderr, _) = run_to_exit(&env).await;
     assert_eq!(code, 2);
-    assert!(stderr.contains("API_KEY_SERVER_OPENAI_BASE_URL") && !stderr.contains("SECRETVALUE"), "{stderr}");
+    assert!(
+        stderr.contains("API_KEY_SERVER_OPENAI_BASE_URL") && !stderr.contains("SECRETVALUE"),
+        "{stderr}"
+    );
 }

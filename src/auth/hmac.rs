@@ -42,11 +42,7 @@ struct Signed<'a> {
 }
 
 impl HmacVerifier {
-    pub fn new(
-        settings: &HmacSettings,
-        products: &HashSet<Arc<str>>,
-        store: Option<Arc<Store>>,
-    ) -> Self {
+    pub fn new(settings: &HmacSettings, products: &HashSet<Arc<str>>, store: Option<Arc<Store>>) -> Self {
         Self {
             secrets: settings.secrets.clone(),
             clients: settings

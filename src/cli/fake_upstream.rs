@@ -40,7 +40,7 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let router = Router::new().route(
             &format!("{base}/chat/completions"),
-            post(move |body: Bytes| chat_completions(body, name)),
+            post(move |body: Bytes| async move { chat_completions(&body, name) }),
         );
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, router).await {
@@ -67,8 +67,8 @@ impl Drop for FakeUpstream {
     }
 }
 
-async fn chat_completions(body: Bytes, name: &str) -> Response {
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+fn chat_completions(body: &Bytes, name: &str) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return json_response(
             StatusCode::BAD_REQUEST,
             &json!({"error": {"message": "invalid JSON", "type": "invalid_request_error", "code": null, "param": null}}),

@@ -162,7 +162,10 @@ fn parse_entry(json: &str) -> Result<ProductUpstream, String> {
     };
     let base_url = parse_base_url(entry.base_url.as_deref().ok_or("base_url is required")?, auth)?;
     for (field, list) in [("models", &entry.models), ("embedding_models", &entry.embedding_models)] {
-        if list.as_ref().is_some_and(|l| l.is_empty() || l.iter().any(String::is_empty)) {
+        if list
+            .as_ref()
+            .is_some_and(|l| l.is_empty() || l.iter().any(String::is_empty))
+        {
             return Err(format!("{field} must list at least one non-empty model name"));
         }
     }
@@ -178,10 +181,7 @@ fn parse_entry(json: &str) -> Result<ProductUpstream, String> {
 /// `https://` anywhere, plain `http://` only on loopback; no query, no user info; for
 /// `auth: google`, a host under `.googleapis.com` (or loopback, for tests and emulators).
 fn parse_base_url(v: &str, auth: UpstreamAuth) -> Result<Uri, String> {
-    let uri: Uri = v
-        .trim()
-        .parse()
-        .map_err(|_| "base_url is not a URL".to_owned())?;
+    let uri: Uri = v.trim().parse().map_err(|_| "base_url is not a URL".to_owned())?;
     let Some(authority) = uri.authority() else {
         return Err("base_url must be an https:// URL with a host".to_owned());
     };
@@ -200,7 +200,9 @@ fn parse_base_url(v: &str, auth: UpstreamAuth) -> Result<Uri, String> {
         return Err("base_url must not have a query string".to_owned());
     }
     if auth == UpstreamAuth::Google && !loopback && !is_googleapis(host) {
-        return Err("auth \"google\" sends the instance's Google token, so base_url must be under .googleapis.com".to_owned());
+        return Err(
+            "auth \"google\" sends the instance's Google token, so base_url must be under .googleapis.com".to_owned(),
+        );
     }
     // A trailing `/` is ignored: the client's path after `/v1` starts with one.
     let path = uri.path().strip_suffix('/').unwrap_or(uri.path());
@@ -245,7 +247,9 @@ mod tests {
     #[test]
     fn google_needs_googleapis_or_loopback() {
         let google = |url: &str| parse(&format!(r#"{{"base_url":"{url}","auth":"google"}}"#));
-        assert!(google("https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/l/endpoints/openapi").is_ok());
+        assert!(
+            google("https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/l/endpoints/openapi").is_ok()
+        );
         assert!(google("http://127.0.0.1:9/v1").is_ok());
         assert!(google("http://[::1]:9/v1").is_ok());
         assert!(google("http://localhost:9/v1").is_ok());

@@ -60,7 +60,8 @@ impl Credential {
         let mut value = Vec::with_capacity(7 + key.len());
         value.extend_from_slice(b"Bearer ");
         value.extend_from_slice(key.as_bytes());
-        let mut value = HeaderValue::from_bytes(&value).expect("the settings checked that `Bearer <key>` is a header value");
+        let mut value =
+            HeaderValue::from_bytes(&value).expect("the settings checked that `Bearer <key>` is a header value");
         value.set_sensitive(true);
         Self::Bearer(value)
     }
@@ -105,7 +106,9 @@ pub(crate) struct GoogleTokens {
 
 impl fmt::Debug for GoogleTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GoogleTokens").field("host", &self.host).finish_non_exhaustive()
+        f.debug_struct("GoogleTokens")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,7 +157,11 @@ impl GoogleTokens {
         {
             let now = Instant::now();
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            let valid = state.token.as_ref().filter(|t| now < t.expires).map(|t| (t.header.clone(), now >= t.refresh));
+            let valid = state
+                .token
+                .as_ref()
+                .filter(|t| now < t.expires)
+                .map(|t| (t.header.clone(), now >= t.refresh));
             let start = !state.fetching && valid.as_ref().is_none_or(|(_, due)| *due);
             if start {
                 state.fetching = true;
@@ -221,7 +228,7 @@ impl GoogleTokens {
         Some(Token {
             header,
             expires: asked + lifetime,
-            refresh: asked + (lifetime - margin),
+            refresh: asked + lifetime.saturating_sub(margin),
         })
     }
 
