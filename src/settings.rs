@@ -464,12 +464,6 @@ impl Env<'_> {
             .unwrap_or_default();
         // Keys may be left out only when no product needs one.
         let keyless = !upstreams.is_empty() && upstreams.values().all(|u| u.auth == UpstreamAuth::Google);
-        if map.is_empty() && !keyless {
-            return Err(SettingsError::new(
-                NAME,
-                "required: a JSON object of product id to API key, with at least one product",
-            ));
-        }
         let mut keys = HashMap::with_capacity(map.len());
         for (product, key) in map {
             if product.is_empty() {
@@ -500,6 +494,12 @@ impl Env<'_> {
                     ),
                 ));
             }
+        }
+        if keys.is_empty() && !keyless {
+            return Err(SettingsError::new(
+                NAME,
+                "required: a JSON object of product id to API key, with at least one product",
+            ));
         }
         Ok(keys)
     }

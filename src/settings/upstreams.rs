@@ -283,6 +283,60 @@ mod tests {
         }
     }
 
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .chain([(
+                "API_KEY_SERVER_CLIENT_HMAC_SECRETS".to_owned(),
+                r#"{"desk":"0123456789abcdef0123456789abcdef"}"#.to_owned(),
+            )])
+            .collect();
+        Settings::from_lookup(move |k| map.get(k).cloned())
+    }
+
+    const VERTEX: &str = r#"{"gemini":{"base_url":"https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/us-central1/endpoints/openapi","auth":"google","models":["google/gemini-2.5-flash"],"stream_usage":false}}"#;
+
+    #[test]
+    fn google_only_products_need_no_keys_and_have_their_own_rules() {
+        let s = settings(&[("API_KEY_SERVER_PRODUCT_UPSTREAMS", VERTEX)]).expect("valid");
+        assert!(s.product_keys.is_empty());
+        assert!(s.products.contains("gemini"));
+        assert_eq!(s.policy_for("gemini").allowed_models, ["google/gemini-2.5-flash"]);
+        assert_eq!(s.policy_for("other").allowed_models, ["gpt-4o", "gpt-4o-mini"]);
+        assert!(!s.stream_usage("gemini"));
+        assert!(s.stream_usage("other"));
+        assert_eq!(s.embedding_models("gemini"), None);
+        assert_eq!(s.metadata_host, MetadataHost::default());
+    }
+
+    #[test]
+    fn metadata_host_comes_from_gce_metadata_host() {
+        let s = settings(&[
+            ("API_KEY_SERVER_PRODUCT_UPSTREAMS", VERTEX),
+            ("GCE_METADATA_HOST", "127.0.0.1:8181"),
+        ])
+        .expect("valid");
+        assert_eq!(s.metadata_host.0.as_str(), "127.0.0.1:8181");
+        let error = settings(&[
+            ("API_KEY_SERVER_PRODUCT_UPSTREAMS", VERTEX),
+            ("GCE_METADATA_HOST", "http://x/y"),
+        ])
+        .expect_err("not an authority");
+        assert_eq!(error.variable, "GCE_METADATA_HOST");
+    }
+
+    #[test]
+    fn a_keyed_product_still_needs_product_keys() {
+        let error = settings(&[(
+            "API_KEY_SERVER_PRODUCT_UPSTREAMS",
+            r#"{"lab":{"base_url":"https://api.example.com/v1"}}"#,
+        )])
+        .expect_err("no key for lab");
+        assert_eq!(error.variable, "API_KEY_SERVER_PRODUCT_KEYS");
+        assert!(error.reason.contains("\"lab\""), "{error}");
+    }
+
     #[test]
     fn loopback_hosts() {
         for host in ["127.0.0.1", "127.255.0.9", "[::1]", "LOCALHOST"] {
