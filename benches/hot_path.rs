@@ -98,7 +98,7 @@ fn validate_body_with_default_tokens(bencher: Bencher) {
 fn jwt_verify_cold(bencher: Bencher) {
     let headers = bearer("alice");
     bencher
-        .with_inputs(|| JwtVerifier::new(&SETTINGS.jwt, &SETTINGS.product_keys))
+        .with_inputs(|| JwtVerifier::new(&SETTINGS.jwt, &SETTINGS.products))
         .bench_local_refs(|verifier| verifier.verify(&headers).unwrap());
 }
 
@@ -106,7 +106,7 @@ fn jwt_verify_cold(bencher: Bencher) {
 #[divan::bench]
 fn jwt_verify_cached(bencher: Bencher) {
     let headers = bearer("alice");
-    let verifier = JwtVerifier::new(&SETTINGS.jwt, &SETTINGS.product_keys);
+    let verifier = JwtVerifier::new(&SETTINGS.jwt, &SETTINGS.products);
     verifier.verify(&headers).unwrap();
     bencher.bench(|| verifier.verify(divan::black_box(&headers)).unwrap());
 }
@@ -144,7 +144,7 @@ fn hmac_headers(n: u64, body: &[u8]) -> HeaderMap {
 #[divan::bench]
 fn hmac_verify(bencher: Bencher) {
     let rt = runtime();
-    let verifier = HmacVerifier::new(&SETTINGS.hmac, &SETTINGS.product_keys, None);
+    let verifier = HmacVerifier::new(&SETTINGS.hmac, &SETTINGS.products, None);
     let body = CHAT.as_bytes();
     let mut n = 0u64;
     bencher

@@ -45,9 +45,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api_key_server::app::Route;
 use api_key_server::request::Outcome;
-use api_key_server::settings::{LogFormat, UpstreamSettings};
+use api_key_server::settings::{LogFormat, Settings};
 use api_key_server::telemetry::{self, LogLine, RequestLog};
-use api_key_server::upstream::Upstream;
+use api_key_server::upstream::{Call, Upstreams};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request as AxumRequest;
@@ -308,13 +308,16 @@ fn pool(variant: &str, n: u64) -> Duration {
         .build()
         .unwrap();
     let elapsed = runtime.block_on(async {
-        let settings = UpstreamSettings {
-            url: url.clone(),
-            timeout: Duration::from_secs(120),
-            idle_timeout: Duration::from_secs(300),
-        };
-        let by_hand = Upstream::new(&settings);
-        let legacy = legacy_client::LegacyUpstream::new(url, settings.timeout, settings.idle_timeout);
+        let settings = Settings::from_lookup(|name| match name {
+            "API_KEY_SERVER_PRODUCT_KEYS" => Some(r#"{"bench":"sk-bench"}"#.to_owned()),
+            "API_KEY_SERVER_CLIENT_HMAC_SECRETS" => Some(r#"{"c":"0123456789abcdef0123456789abcdef"}"#.to_owned()),
+            "API_KEY_SERVER_OPENAI_BASE_URL" => Some(url.to_string()),
+            _ => None,
+        })
+        .unwrap();
+        let upstreams = Upstreams::new(&settings);
+        let by_hand = upstreams.of("bench").unwrap();
+        let legacy = legacy_client::LegacyUpstream::new(url, Duration::from_secs(120), Duration::from_secs(300));
         let body = Bytes::from_static(CHAT.as_bytes());
         let authorization = HeaderValue::from_static("Bearer sk-bench");
         let request_id = HeaderValue::from_static("req_0123456789abcdef000000000001");
@@ -326,7 +329,13 @@ fn pool(variant: &str, n: u64) -> Duration {
             let args = (body.clone(), &authorization, &request_id, &client_headers);
             let forwarded = match variant {
                 "pool/by-hand" => by_hand
-                    .forward(args.0, args.1, args.2, args.3)
+                    .forward(Call {
+                        method: http::Method::POST,
+                        path: "/chat/completions",
+                        body: Some(args.0),
+                        request_id: args.2,
+                        client_headers: args.3,
+                    })
                     .await
                     .map_err(|f| f.error),
                 "pool/legacy-client" => legacy.forward(args.0, args.1, args.2, args.3).await,

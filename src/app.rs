@@ -23,14 +23,14 @@ use crate::routes;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::{LogLine, LoggedBody, RequestId};
-use crate::upstream::Upstream;
+use crate::upstream::Upstreams;
 
 /// Everything a request needs; one per process, shared by reference.
 pub struct App {
     pub settings: Settings,
     pub auth: Authenticator,
     pub limiter: Limiter,
-    pub upstream: Upstream,
+    pub upstream: Upstreams,
     pub models: Models,
 }
 
@@ -41,26 +41,66 @@ impl App {
         Self {
             auth: Authenticator::new(&settings, store.clone()),
             limiter: Limiter::with_clock(&settings.limits, store, settings.clock.clone()),
-            upstream: Upstream::new(&settings.upstream),
-            models: Models::new(&settings.policy.allowed_models),
+            upstream: Upstreams::new(&settings),
+            models: Models::new(&settings),
             settings,
         }
     }
 }
 
-/// `GET /v1/models` answers, serialised once at startup.
+/// `GET /v1/models` answers per product, serialised once at startup.
 pub struct Models {
+    /// For the products that use the default models.
+    default: ModelList,
+    /// For the products whose upstream names its own `models` or `embedding_models`.
+    products: HashMap<Arc<str>, ModelList>,
+}
+
+impl Models {
+    fn new(settings: &Settings) -> Self {
+        let chat = &settings.policy.allowed_models;
+        let products = settings
+            .product_upstreams
+            .iter()
+            .filter(|(_, u)| u.models.is_some() || u.embedding_models.is_some())
+            .map(|(product, u)| {
+                let chat = u.models.as_deref().unwrap_or(chat);
+                let embedding = u.embedding_models.as_deref().unwrap_or_default();
+                (Arc::clone(product), ModelList::new(chat, embedding))
+            })
+            .collect();
+        Self {
+            default: ModelList::new(chat, &[]),
+            products,
+        }
+    }
+
+    /// The models `product` may use.
+    pub fn of(&self, product: &str) -> &ModelList {
+        self.products.get(product).unwrap_or(&self.default)
+    }
+}
+
+/// One product's models: the list, and each model, in OpenAI's formats.
+pub struct ModelList {
     pub list: Bytes,
     each: HashMap<String, Bytes>,
 }
 
-impl Models {
-    fn new(names: &[String]) -> Self {
+impl ModelList {
+    /// Chat models first, then embedding models, each name once.
+    fn new(chat: &[String], embedding: &[String]) -> Self {
         let model = |id: &str| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "openai"});
+        let mut names: Vec<&String> = Vec::with_capacity(chat.len() + embedding.len());
+        for name in chat.iter().chain(embedding) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
         let list = serde_json::json!({"object": "list", "data": names.iter().map(|n| model(n)).collect::<Vec<_>>()});
         let each = names
             .iter()
-            .map(|n| (n.clone(), Bytes::from(model(n).to_string())))
+            .map(|n| ((*n).clone(), Bytes::from(model(n).to_string())))
             .collect();
         Self {
             list: Bytes::from(list.to_string()),

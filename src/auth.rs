@@ -81,8 +81,8 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(settings: &Settings, store: Option<Arc<Store>>) -> Self {
         Self {
-            jwt: jwt::JwtVerifier::with_clock(&settings.jwt, &settings.product_keys, settings.clock.clone()),
-            hmac: hmac::HmacVerifier::with_clock(&settings.hmac, &settings.product_keys, store, settings.clock.clone()),
+            jwt: jwt::JwtVerifier::with_clock(&settings.jwt, &settings.products, settings.clock.clone()),
+            hmac: hmac::HmacVerifier::with_clock(&settings.hmac, &settings.products, store, settings.clock.clone()),
         }
     }
 

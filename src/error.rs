@@ -254,6 +254,11 @@ impl ApiError {
                         "The upstream API refused the gateway's credentials.",
                         false,
                     ),
+                    UpstreamError::CredentialsUnavailable => (
+                        "upstream_credentials_unavailable",
+                        "The gateway could not get its credentials for the upstream API; retry shortly.",
+                        true,
+                    ),
                 };
                 d(S::BAD_GATEWAY, "upstream_error", code, message).retry_if(retry)
             }

@@ -18,6 +18,10 @@ use serde::Deserialize;
 
 use crate::clock::Clock;
 
+mod upstreams;
+
+pub use self::upstreams::{METADATA_HOST_VARIABLE, MetadataHost, ProductUpstream, UpstreamAuth};
+
 /// Prefix of every variable this service reads (except `PORT`, which Cloud Run sets).
 pub const PREFIX: &str = "API_KEY_SERVER_";
 
@@ -25,6 +29,7 @@ pub const PREFIX: &str = "API_KEY_SERVER_";
 /// is a typo and is reported as a warning at startup.
 pub const KNOWN_VARIABLES: &[&str] = &[
     "PRODUCT_KEYS",
+    "PRODUCT_UPSTREAMS",
     "JWT_PUBLIC_KEYS",
     "CLIENT_HMAC_SECRETS",
     "CLIENT_PRODUCTS",
@@ -97,7 +102,9 @@ pub struct SettingsError {
 
 impl SettingsError {
     fn new(name: &str, reason: impl Into<String>) -> Self {
-        let variable = if name == "PORT" {
+        // `PORT` (Cloud Run's) and `GCE_METADATA_HOST` (Google's libraries') are read
+        // without the prefix.
+        let variable = if name == "PORT" || name == METADATA_HOST_VARIABLE {
             name.to_owned()
         } else {
             format!("{PREFIX}{name}")
@@ -243,12 +250,23 @@ pub struct UpstreamSettings {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub port: u16,
-    /// Product id -> the `Authorization` value sent upstream (`Bearer <key>`), marked
-    /// sensitive so that hyper and our logs never print it.
+    /// Product id -> its upstream API key as a header value, marked sensitive so that
+    /// hyper and our logs never print it. A product whose upstream has `auth: google` may
+    /// have none.
     pub product_keys: HashMap<Arc<str>, Secret<HeaderValue>>,
+    /// Every product: the keys of `PRODUCT_KEYS` and of `PRODUCT_UPSTREAMS`.
+    pub products: HashSet<Arc<str>>,
+    /// `PRODUCT_UPSTREAMS`: the products with an upstream of their own.
+    pub product_upstreams: HashMap<Arc<str>, ProductUpstream>,
+    /// `GCE_METADATA_HOST`: where `auth: google` tokens come from.
+    pub metadata_host: MetadataHost,
     pub jwt: JwtSettings,
     pub hmac: HmacSettings,
+    /// The request rules of products that use the default upstream's models.
     pub policy: Policy,
+    /// The request rules of products whose upstream names its own `models`: [`Self::policy`]
+    /// with those models (see [`Settings::policy_for`]).
+    pub product_policies: HashMap<Arc<str>, Policy>,
     pub upstream: UpstreamSettings,
     pub max_body_bytes: usize,
     pub client_timeout: Duration,
@@ -298,9 +316,12 @@ impl Settings {
                 .map_err(|_| "expected a port number from 0 to 65535".to_owned())
         })?;
 
-        let product_keys = env.product_keys()?;
+        let product_upstreams = env.product_upstreams()?;
+        let product_keys = env.product_keys(&product_upstreams)?;
+        let products: HashSet<Arc<str>> = product_keys.keys().chain(product_upstreams.keys()).cloned().collect();
+        let metadata_host = env.metadata_host()?;
         let jwt = env.jwt()?;
-        let hmac = env.hmac(&product_keys)?;
+        let hmac = env.hmac(&products)?;
         if jwt.keys.is_empty() && hmac.secrets.is_empty() {
             return Err(SettingsError::new(
                 "JWT_PUBLIC_KEYS",
@@ -308,6 +329,7 @@ impl Settings {
             ));
         }
         let policy = env.policy()?;
+        let product_policies = upstreams::product_policies(&policy, &product_upstreams);
         let upstream = UpstreamSettings {
             url: env
                 .parse("OPENAI_BASE_URL", parse_upstream_url)?
@@ -318,7 +340,7 @@ impl Settings {
         let max_body_bytes = env.positive_int::<usize>("MAX_BODY_BYTES")?.unwrap_or(1_048_576);
         let client_timeout = env.seconds("CLIENT_TIMEOUT_SECONDS", 30.0)?;
         let redis = env.redis()?;
-        let limits = env.limits(&product_keys, &hmac)?;
+        let limits = env.limits(&products, &hmac)?;
         let shutdown_grace = env
             .parse("SHUTDOWN_GRACE_SECONDS", |v| {
                 parse_seconds(v, true).ok_or_else(|| "expected a number of seconds >= 0".to_owned())
@@ -342,9 +364,13 @@ impl Settings {
         Ok(Self {
             port: port.unwrap_or(8080),
             product_keys,
+            products,
+            product_upstreams,
+            metadata_host,
             jwt,
             hmac,
             policy,
+            product_policies,
             upstream,
             max_body_bytes,
             client_timeout,
@@ -435,21 +461,26 @@ impl Env<'_> {
             .unwrap_or(default))
     }
 
-    fn product_keys(&self) -> Result<HashMap<Arc<str>, Secret<HeaderValue>>, SettingsError> {
+    fn product_keys(
+        &self,
+        upstreams: &HashMap<Arc<str>, ProductUpstream>,
+    ) -> Result<HashMap<Arc<str>, Secret<HeaderValue>>, SettingsError> {
         const NAME: &str = "PRODUCT_KEYS";
         let map: HashMap<String, String> = self
             .json(NAME, "a JSON object of product id to API key")?
-            .ok_or_else(|| SettingsError::new(NAME, "required: a JSON object of product id to API key"))?;
-        if map.is_empty() {
-            return Err(SettingsError::new(NAME, "must name at least one product"));
-        }
+            .unwrap_or_default();
+        // Keys may be left out only when no product needs one.
+        let keyless = !upstreams.is_empty() && upstreams.values().all(|u| u.auth == UpstreamAuth::Google);
         let mut keys = HashMap::with_capacity(map.len());
         for (product, key) in map {
             check_id(NAME, "product", &product)?;
             // Visible ASCII and spaces only: anything else cannot travel in a header, and
-            // finding that out on the first request would be too late.
-            let valid = !key.trim().is_empty() && key.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
-            let header = HeaderValue::from_str(&format!("Bearer {key}")).ok().filter(|_| valid);
+            // finding that out on the first request would be too late. `Bearer ` is
+            // prepended for bearer upstreams, so that form must be valid too.
+            let valid = !key.trim().is_empty()
+                && key.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+                && HeaderValue::from_str(&format!("Bearer {key}")).is_ok();
+            let header = HeaderValue::from_str(key.trim()).ok().filter(|_| valid);
             let Some(mut header) = header else {
                 return Err(SettingsError::new(
                     NAME,
@@ -458,6 +489,22 @@ impl Env<'_> {
             };
             header.set_sensitive(true);
             keys.insert(Arc::from(product), Secret::new(header));
+        }
+        for (product, upstream) in upstreams {
+            if upstream.auth != UpstreamAuth::Google && !keys.contains_key(product) {
+                return Err(SettingsError::new(
+                    NAME,
+                    format!(
+                        "product \"{product}\" has no key, and its upstream in {PREFIX}PRODUCT_UPSTREAMS is not auth \"google\""
+                    ),
+                ));
+            }
+        }
+        if keys.is_empty() && !keyless {
+            return Err(SettingsError::new(
+                NAME,
+                "required: a JSON object of product id to API key, with at least one product",
+            ));
         }
         Ok(keys)
     }
@@ -485,7 +532,7 @@ impl Env<'_> {
         })
     }
 
-    fn hmac(&self, products: &HashMap<Arc<str>, Secret<HeaderValue>>) -> Result<HmacSettings, SettingsError> {
+    fn hmac(&self, products: &HashSet<Arc<str>>) -> Result<HmacSettings, SettingsError> {
         const SECRETS: &str = "CLIENT_HMAC_SECRETS";
         const PRODUCTS: &str = "CLIENT_PRODUCTS";
         let raw: HashMap<String, String> = self
@@ -518,10 +565,12 @@ impl Env<'_> {
                                 format!("names client \"{client}\", which is not in {PREFIX}{SECRETS}"),
                             ));
                         }
-                        if let Some(unknown) = list.iter().find(|p| !products.contains_key(p.as_str())) {
+                        if let Some(unknown) = list.iter().find(|p| !products.contains(p.as_str())) {
                             return Err(SettingsError::new(
                                 PRODUCTS,
-                                format!("names product \"{unknown}\", which is not in {PREFIX}PRODUCT_KEYS"),
+                                format!(
+                                    "names product \"{unknown}\", which is not in {PREFIX}PRODUCT_KEYS or {PREFIX}PRODUCT_UPSTREAMS"
+                                ),
                             ));
                         }
                         Ok((client, list.into_iter().collect()))
@@ -607,11 +656,7 @@ impl Env<'_> {
         }))
     }
 
-    fn limits(
-        &self,
-        products: &HashMap<Arc<str>, Secret<HeaderValue>>,
-        hmac: &HmacSettings,
-    ) -> Result<LimitSettings, SettingsError> {
+    fn limits(&self, products: &HashSet<Arc<str>>, hmac: &HmacSettings) -> Result<LimitSettings, SettingsError> {
         let capacity = self
             .positive_int::<u32>("RATE_LIMIT_CAPACITY")?
             .and_then(NonZeroU32::new)
@@ -655,9 +700,9 @@ impl Env<'_> {
         };
         let products = overrides(
             "PRODUCT_LIMITS",
-            &|id| products.contains_key(id),
+            &|id| products.contains(id),
             "product",
-            "PRODUCT_KEYS",
+            "PRODUCT_KEYS or API_KEY_SERVER_PRODUCT_UPSTREAMS",
         )?;
         let clients = overrides(
             "CLIENT_LIMITS",
@@ -759,9 +804,14 @@ fn parse_upstream_url(v: &str) -> Result<Uri, String> {
         .parse()
         .map_err(|_| "expected an http:// or https:// URL".to_owned())?;
     match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(host)) if !host.is_empty() => Ok(uri),
-        _ => Err("expected an http:// or https:// URL with a host".to_owned()),
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => {}
+        _ => return Err("expected an http:// or https:// URL with a host".to_owned()),
     }
+    // The API base of the default upstream is this URL without `/chat/completions`.
+    if !uri.path().ends_with("/chat/completions") {
+        return Err("expected a URL whose path ends in /chat/completions".to_owned());
+    }
+    Ok(uri)
 }
 
 #[cfg(test)]
@@ -822,7 +872,9 @@ mod tests {
             .filter(|n| !n.starts_with(PREFIX))
             .collect();
         assert!(
-            others.iter().all(|n| ["PORT", "GOOGLE_CLOUD_PROJECT"].contains(n)),
+            others
+                .iter()
+                .all(|n| ["PORT", "GOOGLE_CLOUD_PROJECT", METADATA_HOST_VARIABLE].contains(n)),
             "{others:?}"
         );
     }

@@ -1,15 +1,21 @@
-//! The pooled upstream client: one request out with exactly the allowed headers, the
-//! response back with exactly the allowed headers, its body streamed frame by frame.
+//! The upstreams: every product's request goes out to its upstream with exactly the
+//! allowed headers and its credential, and the response comes back with exactly the
+//! allowed headers, its body streamed frame by frame.
 //!
-//! The connections are HTTP/1.1, pooled by `upstream/pool.rs`. Nothing here follows redirects or
-//! reads proxy variables, which is what the contract wants. Timing is ours: a deadline for
-//! the response headers (connecting included), then an idle timer between body frames, so
-//! that long streams live as long as they keep talking. A failure carries its [`Cause`]
-//! beside the client's answer, for the log line and the metrics.
+//! [`Upstreams`] is the table built at startup: product -> [`Upstream`] (the pool of its
+//! origin, its base path, its [`Credential`]). Products on one origin share one pool. The
+//! connections are HTTP/1.1, pooled by `upstream/pool.rs`; credentials (stored keys and
+//! the Google token) come from `upstream/credentials.rs`. Nothing here follows redirects
+//! or reads proxy variables, which is what the contract wants. Timing is ours: a deadline
+//! for the response headers (connecting included), then an idle timer between body
+//! frames, so that long streams live as long as they keep talking. A failure carries its
+//! [`Cause`] beside the client's answer, for the log line and the metrics.
 
 mod cause;
+mod credentials;
 mod pool;
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -19,15 +25,15 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::time::{Instant, Sleep};
 
 pub use self::cause::Cause;
+use self::credentials::{Credential, GoogleTokens};
 use self::pool::Pool;
-use crate::settings::UpstreamSettings;
+use crate::settings::{Secret, Settings, UpstreamAuth};
 
 /// Why the upstream gave no usable response (502 `upstream_error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +48,20 @@ pub enum UpstreamError {
     /// `latency`.
     #[error("upstream auth failed")]
     AuthFailed { status: u16, latency: Duration },
+    /// `upstream_credentials_unavailable`: no Google access token within 5 s (the
+    /// metadata server is down, slow or refusing). Nothing was sent upstream.
+    #[error("upstream credentials unavailable")]
+    CredentialsUnavailable,
+}
+
+/// One call to a product's upstream.
+pub struct Call<'a> {
+    pub method: Method,
+    /// The client's path after `/v1`, with its query: `/chat/completions`, `/responses/resp_1/input_items?limit=2`.
+    pub path: &'a str,
+    pub body: Option<Bytes>,
+    pub request_id: &'a HeaderValue,
+    pub client_headers: &'a HeaderMap,
 }
 
 /// A request that got no usable response: the client's answer, and why.
@@ -52,6 +72,14 @@ pub struct UpstreamFailure {
     /// For the log line and the metrics; `None` when the upstream did answer
     /// ([`UpstreamError::AuthFailed`]).
     pub cause: Option<Cause>,
+}
+
+/// A failure before anything was sent upstream (no credential, no valid target): the
+/// upstream played no part, so there is no cause to report.
+impl From<UpstreamError> for UpstreamFailure {
+    fn from(error: UpstreamError) -> Self {
+        Self { error, cause: None }
+    }
 }
 
 impl From<Cause> for UpstreamFailure {
@@ -93,53 +121,121 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 6] = [
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+const CHAT_COMPLETIONS: &str = "/chat/completions";
 
+/// Every product's upstream, built once at startup.
+pub struct Upstreams {
+    products: HashMap<Arc<str>, Upstream>,
+}
+
+impl Upstreams {
+    /// The default upstream (`OPENAI_BASE_URL`'s base, bearer) for products without an
+    /// entry in `PRODUCT_UPSTREAMS`, and each entry's own; one pool per origin.
+    pub fn new(settings: &Settings) -> Self {
+        let mut pools: HashMap<String, Arc<Pool>> = HashMap::new();
+        let mut pool_for = |url: &Uri| {
+            let origin = format!(
+                "{}://{}",
+                url.scheme_str().unwrap_or("https"),
+                url.authority().map_or("", |a| a.as_str())
+            )
+            .to_ascii_lowercase();
+            Arc::clone(pools.entry(origin).or_insert_with_key(|origin| {
+                Pool::new(format!("{origin}/").parse().expect("an origin of a valid URI"))
+            }))
+        };
+        // One cache for every `google` product: they all act as the instance's account.
+        let google = settings
+            .product_upstreams
+            .values()
+            .any(|u| u.auth == UpstreamAuth::Google)
+            .then(|| GoogleTokens::new(&settings.metadata_host));
+        let timing = &settings.upstream;
+        let default_url = &timing.url;
+        let default_base = default_url
+            .path()
+            .strip_suffix(CHAT_COMPLETIONS)
+            .unwrap_or(default_url.path())
+            .trim_end_matches('/');
+        let mut products = HashMap::with_capacity(settings.products.len());
+        for product in &settings.products {
+            let key = settings.product_keys.get(product).map(Secret::expose);
+            let upstream = match settings.product_upstreams.get(product) {
+                Some(own) => {
+                    let credential = match (own.auth, key, &google) {
+                        (UpstreamAuth::Google, _, Some(tokens)) => Credential::Google(Arc::clone(tokens)),
+                        (UpstreamAuth::ApiKey, Some(key), _) => Credential::api_key(key),
+                        (UpstreamAuth::Bearer, Some(key), _) => Credential::bearer(key),
+                        _ => unreachable!("the settings give every non-google upstream a key"),
+                    };
+                    Upstream {
+                        pool: pool_for(&own.base_url),
+                        base: own.base_url.path().trim_end_matches('/').into(),
+                        query: None,
+                        host: host_header(&own.base_url),
+                        credential,
+                        timeout: timing.timeout,
+                        idle_timeout: timing.idle_timeout,
+                    }
+                }
+                None => Upstream {
+                    pool: pool_for(default_url),
+                    base: default_base.into(),
+                    // A query on `OPENAI_BASE_URL` (`?api-version=` of Azure's older API)
+                    // goes with every call to the default upstream.
+                    query: default_url.query().map(Into::into),
+                    host: host_header(default_url),
+                    credential: Credential::bearer(key.expect("a product without its own upstream has a key")),
+                    timeout: timing.timeout,
+                    idle_timeout: timing.idle_timeout,
+                },
+            };
+            products.insert(Arc::clone(product), upstream);
+        }
+        Self { products }
+    }
+
+    /// `product`'s upstream; `None` only for an id that is not a product.
+    pub fn of(&self, product: &str) -> Option<&Upstream> {
+        self.products.get(product)
+    }
+}
+
+/// One product's upstream.
 pub struct Upstream {
     pool: Arc<Pool>,
-    /// The request target: with a connection of our own, HTTP/1 wants the origin-form
-    /// (path and query), not the absolute URL.
-    target: Uri,
+    /// The path of `base_url`, without a trailing `/` (may be empty).
+    base: Box<str>,
+    /// The default upstream's query string, if `OPENAI_BASE_URL` has one.
+    query: Option<Box<str>>,
     /// The `Host` header, which HTTP/1.1 requires and `conn::http1` does not add.
     host: HeaderValue,
+    credential: Credential,
     timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Self {
-        let url = &settings.url;
-        let target = url.path_and_query().map_or("/", PathAndQuery::as_str);
-        Self {
-            pool: Pool::new(url.clone()),
-            target: Uri::try_from(target).expect("the path of a valid URI is a valid origin-form target"),
-            host: host_header(url),
-            timeout: settings.timeout,
-            idle_timeout: settings.idle_timeout,
-        }
-    }
-
-    /// Sends `body` with the product's `authorization` and returns the client's response.
+    /// Sends `call` with the product's credential and returns the client's response.
     ///
     /// Dropping the returned future or the response body cancels the upstream request.
-    pub async fn forward(
-        &self,
-        body: Bytes,
-        authorization: &HeaderValue,
-        request_id: &HeaderValue,
-        client_headers: &HeaderMap,
-    ) -> Result<Forwarded, UpstreamFailure> {
-        let length = body.len();
-        let mut request = Request::new(Full::new(body));
+    pub async fn forward(&self, call: Call<'_>) -> Result<Forwarded, UpstreamFailure> {
+        // The credential first: waiting for a Google token is not the upstream's time.
+        let (credential_name, credential) = self.credential.header().await?;
+        let mut request = Request::new(Full::new(call.body.clone().unwrap_or_default()));
         // Sized once for what is written below (growing a map rehashes it).
         *request.headers_mut() = HeaderMap::with_capacity(12);
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.target.clone();
+        *request.method_mut() = call.method;
+        *request.uri_mut() = self.target(call.path)?;
         let headers = request.headers_mut();
         headers.insert(header::HOST, self.host.clone());
-        headers.insert(header::AUTHORIZATION, authorization.clone());
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-        headers.insert(X_REQUEST_ID, request_id.clone());
+        headers.insert(credential_name, credential.clone());
+        if let Some(body) = &call.body {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        headers.insert(X_REQUEST_ID, call.request_id.clone());
+        let client_headers = call.client_headers;
         for name in &FORWARDED_REQUEST_HEADERS {
             for value in client_headers.get_all(name) {
                 headers.append(name, value.clone());
@@ -156,6 +252,7 @@ impl Upstream {
         let latency = sent.elapsed();
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            self.credential.refused(&credential);
             return Err(UpstreamFailure {
                 error: UpstreamError::AuthFailed {
                     status: status.as_u16(),
@@ -164,7 +261,6 @@ impl Upstream {
                 cause: None,
             });
         }
-
         let (parts, incoming) = response.into_parts();
         let request_id = parts.headers.get(X_REQUEST_ID).cloned();
         let mut out = Response::new(Body::new(IdleTimeout::new(incoming, self.idle_timeout)));
@@ -191,6 +287,29 @@ impl Upstream {
             request_id,
             latency,
         })
+    }
+
+    /// The origin-form request target: the base path, then the client's path after `/v1`
+    /// (with the default upstream's query, if any, before the client's own).
+    fn target(&self, path: &str) -> Result<Uri, UpstreamError> {
+        let mut target =
+            String::with_capacity(self.base.len() + path.len() + self.query.as_ref().map_or(0, |q| q.len() + 2));
+        target.push_str(&self.base);
+        match &self.query {
+            None => target.push_str(path),
+            Some(query) => {
+                let (path, client_query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+                target.push_str(path);
+                target.push('?');
+                target.push_str(query);
+                if let Some(client_query) = client_query {
+                    target.push('&');
+                    target.push_str(client_query);
+                }
+            }
+        }
+        // Both halves come from valid URIs, so this cannot fail; were it to, nothing was sent.
+        Uri::try_from(target).map_err(|_| UpstreamError::Unreachable)
     }
 }
 

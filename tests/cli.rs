@@ -504,3 +504,42 @@ async fn dev_serves_the_whole_path_offline_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{}", dev.output.lock().unwrap().join("\n"));
 }
+
+#[tokio::test]
+async fn dev_shows_a_second_product_on_an_upstream_of_its_own() {
+    let dev = Dev::start().await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token = dev.banner["JWT"].clone();
+    let partner = dev.banner["PARTNER_JWT"].clone();
+    let partner_chat = r#"{"model":"partner-chat-mini","messages":[{"role":"user","content":"ping"}]}"#;
+    let response = client
+        .post(dev.url("/v1/chat/completions"))
+        .bearer_auth(&partner)
+        .body(partner_chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reply: serde_json::Value = response.json().await.unwrap();
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.contains("partner"), "{content}");
+    let models: serde_json::Value = client
+        .get(dev.url("/v1/models"))
+        .bearer_auth(&partner)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "partner-chat-mini");
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    let other = client
+        .post(dev.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .body(partner_chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 400, "demo's models are the default ones");
+}

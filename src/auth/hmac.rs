@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 
 use super::nonce::{Claim, NonceStore};
@@ -44,18 +44,14 @@ struct Signed<'a> {
 }
 
 impl HmacVerifier {
-    pub fn new(
-        settings: &HmacSettings,
-        products: &HashMap<Arc<str>, Secret<HeaderValue>>,
-        store: Option<Arc<Store>>,
-    ) -> Self {
+    pub fn new(settings: &HmacSettings, products: &HashSet<Arc<str>>, store: Option<Arc<Store>>) -> Self {
         Self::with_clock(settings, products, store, Clock::system())
     }
 
     /// As [`HmacVerifier::new`], timestamps and nonce windows read from `clock`.
     pub fn with_clock(
         settings: &HmacSettings,
-        products: &HashMap<Arc<str>, Secret<HeaderValue>>,
+        products: &HashSet<Arc<str>>,
         store: Option<Arc<Store>>,
         clock: Clock,
     ) -> Self {
@@ -67,7 +63,7 @@ impl HmacVerifier {
                 .map(|c| (c.clone(), Arc::from(c.as_str())))
                 .collect(),
             client_products: settings.client_products.clone(),
-            products: products.keys().cloned().collect(),
+            products: products.clone(),
             tolerance: settings.clock_tolerance.as_secs(),
             require_nonce: settings.require_nonce,
             nonces: NonceStore::new(settings.nonce_capacity, store, clock.clone()),

@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, de};
 use super::token_cache::{Cached, TokenCache};
 use super::{AuthError, Identity};
 use crate::clock::Clock;
-use crate::settings::{JwtSettings, Secret};
+use crate::settings::JwtSettings;
 
 /// Tokens longer than this are refused before any parsing: a real client token is well
 /// under 2 KiB, and RSA-verifying megabytes would be a cheap way to burn our CPU.
@@ -143,12 +143,12 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>) -> Self {
+    pub fn new(settings: &JwtSettings, products: &HashSet<Arc<str>>) -> Self {
         Self::with_clock(settings, products, Clock::system())
     }
 
     /// As [`JwtVerifier::new`], time claims checked against `clock`.
-    pub fn with_clock(settings: &JwtSettings, products: &HashMap<Arc<str>, Secret<HeaderValue>>, clock: Clock) -> Self {
+    pub fn with_clock(settings: &JwtSettings, products: &HashSet<Arc<str>>, clock: Clock) -> Self {
         let mut validation = Validation::new(Algorithm::RS256);
         validation.algorithms = vec![Algorithm::RS256];
         // Time claims are ours (fractional, and `iat` too); jsonwebtoken would read them
@@ -174,7 +174,7 @@ impl JwtVerifier {
         Self {
             keys: settings.keys.clone(),
             validation,
-            products: products.keys().cloned().collect(),
+            products: products.clone(),
             max_ttl: settings.max_ttl.as_secs_f64(),
             leeway: settings.leeway.as_secs_f64(),
             cache: TokenCache::default(),

@@ -4,7 +4,9 @@
 //! It generates an ephemeral RSA key and HMAC secret, configures product `demo` (JWT kid
 //! `dev`, HMAC client `dev-client`), forwards to OpenAI when `OPENAI_API_KEY` is set and
 //! otherwise to a built-in fake upstream, and prints a banner with a fresh token and
-//! ready-to-paste calls. It never binds anything but 127.0.0.1. The secrets it prints are
+//! ready-to-paste calls. A second product, `partner`, has an upstream of its own (a
+//! second fake, with Azure's `api-key` header and its own model), so that per-product
+//! routing (`PRODUCT_UPSTREAMS`) can be seen at work. It never binds anything but 127.0.0.1. The secrets it prints are
 //! its own, made for this run; a secret the user set (`OPENAI_API_KEY`) is never printed.
 
 use std::collections::HashMap;
@@ -35,6 +37,10 @@ const KID: &str = "dev";
 const CLIENT: &str = "dev-client";
 const USER: &str = "dev-user";
 const MODEL: &str = "gpt-4o-mini";
+const PARTNER: &str = "partner";
+const PARTNER_MODEL: &str = "partner-chat-mini";
+/// The partner fake accepts any key; this placeholder is no secret.
+const PARTNER_KEY: &str = "dev-partner-fake-key";
 const JWT_TTL_SECONDS: u64 = 3600;
 
 /// Runs the subcommand; returns the process exit code.
@@ -99,7 +105,12 @@ async fn serve() -> ExitCode {
         None
     };
 
-    let vars = variables(&keys, openai_key.as_deref(), fake.as_ref().map(FakeUpstream::url));
+    let partner = match FakeUpstream::start_at("/partner/v1", "the partner's fake upstream (product partner)").await {
+        Ok(partner) => partner,
+        Err(error) => return fail(COMMAND, &format!("cannot start the fake upstream: {error}")),
+    };
+    let mut vars = variables(&keys, openai_key.as_deref(), fake.as_ref().map(FakeUpstream::url));
+    add_partner(&mut vars, &partner.base_url());
     let settings = match Settings::from_lookup(|name| vars.get(name).cloned()) {
         Ok(settings) => settings,
         Err(error) => return fail(COMMAND, &format!("configuration error: {error}")),
@@ -129,7 +140,14 @@ async fn serve() -> ExitCode {
         iss: None,
         aud: None,
     };
-    let Ok(token) = mint_jwt::sign(&keys.encoding_key, KID, &claims) else {
+    let partner_claims = Claims {
+        product: PARTNER,
+        ..claims
+    };
+    let (Ok(token), Ok(partner_token)) = (
+        mint_jwt::sign(&keys.encoding_key, KID, &claims),
+        mint_jwt::sign(&keys.encoding_key, KID, &partner_claims),
+    ) else {
         running.shutdown().await;
         return fail(COMMAND, "cannot sign the development token");
     };
@@ -140,12 +158,9 @@ async fn serve() -> ExitCode {
         ),
         None => "OpenAI, with the key in OPENAI_API_KEY".to_owned(),
     };
-    output::line(&banner(
-        &format!("http://{}", running.addr),
-        &token,
-        &keys.hmac_secret,
-        &upstream,
-    ));
+    let url = format!("http://{}", running.addr);
+    output::line(&banner(&url, &token, &keys.hmac_secret, &upstream));
+    output::line(&partner_banner(&url, &partner_token, &partner.base_url()));
 
     stop.await;
     running.shutdown().await;
@@ -192,6 +207,40 @@ fn variables(keys: &DevKeys, openai_key: Option<&str>, fake_url: Option<String>)
     vars
 }
 
+/// Product `partner`: its own upstream (the second fake, `auth: api-key`) and models.
+/// Replaces any `PRODUCT_UPSTREAMS` of the user's: dev's products are its own.
+fn add_partner(vars: &mut HashMap<String, String>, base_url: &str) {
+    let keys_name = format!("{PREFIX}PRODUCT_KEYS");
+    let mut keys: serde_json::Map<String, serde_json::Value> = vars
+        .get(&keys_name)
+        .and_then(|keys| serde_json::from_str(keys).ok())
+        .unwrap_or_default();
+    keys.insert(PARTNER.to_owned(), PARTNER_KEY.into());
+    vars.insert(keys_name, serde_json::Value::Object(keys).to_string());
+    let upstreams = serde_json::json!({
+        PARTNER: {"base_url": base_url, "auth": "api-key", "models": [PARTNER_MODEL]},
+    });
+    vars.insert(format!("{PREFIX}PRODUCT_UPSTREAMS"), upstreams.to_string());
+}
+
+/// The second product's part of the banner.
+fn partner_banner(url: &str, token: &str, base_url: &str) -> String {
+    let body = format!(r#"{{"model":"{PARTNER_MODEL}","messages":[{{"role":"user","content":"Say hello"}}]}}"#);
+    [
+        format!("Per-product upstreams: product {PARTNER} goes to its own upstream, {base_url}"),
+        format!("(PRODUCT_UPSTREAMS, auth api-key, models [\"{PARTNER_MODEL}\"]); its token:"),
+        format!("PARTNER_JWT={token}"),
+        format!(
+            "  curl -sS {url}/v1/chat/completions -H 'Authorization: Bearer {token}' \\\n    \
+             -H 'Content-Type: application/json' -d '{body}'"
+        ),
+        format!("  curl -sS {url}/v1/models -H 'Authorization: Bearer {token}'"),
+        String::new(),
+        "Ctrl-C stops the server.".to_owned(),
+    ]
+    .join("\n")
+}
+
 /// What the user needs to make a first call. The `KEY=value` lines at the start of a line
 /// are for scripts (`examples/run-all.sh` reads them).
 fn banner(url: &str, token: &str, hmac_secret: &str, upstream: &str) -> String {
@@ -234,8 +283,6 @@ fn banner(url: &str, token: &str, hmac_secret: &str, upstream: &str) -> String {
              --body body.json | xargs curl -sS {url}/v1/chat/completions \\\n    \
              -H 'Content-Type: application/json' --data-binary @body.json"
         ),
-        String::new(),
-        "Ctrl-C stops the server.".to_owned(),
     ];
     lines.join("\n")
 }

@@ -23,26 +23,41 @@ use super::mint_jwt::unix_now;
 /// A running fake upstream; stops when dropped.
 pub struct FakeUpstream {
     pub addr: SocketAddr,
+    base: &'static str,
     task: JoinHandle<()>,
 }
 
 impl FakeUpstream {
     /// Binds 127.0.0.1 on an ephemeral port and serves in the background.
     pub async fn start() -> io::Result<Self> {
+        Self::start_at("/v1", "the api-key-server dev upstream").await
+    }
+
+    /// Like [`Self::start`], answering chat completions at `base` + `/chat/completions`
+    /// and greeting as `name`, so that a reply tells which upstream answered.
+    pub async fn start_at(base: &'static str, name: &'static str) -> io::Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
-        let router = Router::new().route("/v1/chat/completions", post(chat_completions));
+        let router = Router::new().route(
+            &format!("{base}/chat/completions"),
+            post(move |body: Bytes| async move { chat_completions(&body, name) }),
+        );
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, router).await {
                 tracing::error!(%error, "the fake upstream stopped");
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self { addr, base, task })
     }
 
     /// The URL for `OPENAI_BASE_URL`.
     pub fn url(&self) -> String {
-        format!("http://{}/v1/chat/completions", self.addr)
+        format!("{}/chat/completions", self.base_url())
+    }
+
+    /// The API base, for a `PRODUCT_UPSTREAMS` entry's `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}{}", self.addr, self.base)
     }
 }
 
@@ -52,8 +67,8 @@ impl Drop for FakeUpstream {
     }
 }
 
-async fn chat_completions(body: Bytes) -> Response {
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+fn chat_completions(body: &Bytes, name: &str) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return json_response(
             StatusCode::BAD_REQUEST,
             &json!({"error": {"message": "invalid JSON", "type": "invalid_request_error", "code": null, "param": null}}),
@@ -61,7 +76,7 @@ async fn chat_completions(body: Bytes) -> Response {
     };
     let model = request["model"].as_str().unwrap_or("gpt-4o-mini").to_owned();
     let prompt = last_user_message(&request);
-    let reply = format!("Hello from the api-key-server dev upstream! You said: {prompt}");
+    let reply = format!("Hello from {name}! You said: {prompt}");
     let id = format!("chatcmpl-dev{:x}", unix_now());
     let created = unix_now();
     let prompt_tokens = words(&prompt);

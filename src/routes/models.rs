@@ -1,5 +1,5 @@
-//! `GET /v1/models` and `GET /v1/models/{model}`: the allowed models in OpenAI's formats,
-//! serialised once at startup ([`crate::app::Models`]).
+//! `GET /v1/models` and `GET /v1/models/{model}`: the models the caller's product may
+//! use, in OpenAI's formats, serialised once at startup ([`crate::app::Models`]).
 
 use std::borrow::Cow;
 
@@ -16,7 +16,10 @@ use crate::request::Outcome;
 pub async fn list(app: &App, request: Request<Incoming>) -> Outcome {
     let (parts, _) = request.into_parts();
     match authenticate(app, &parts).await {
-        Ok(identity) => Outcome::of(&identity, Ok(Outcome::json(app.models.list.clone()))),
+        Ok(identity) => {
+            let list = app.models.of(&identity.product).list.clone();
+            Outcome::of(&identity, Ok(Outcome::json(list)))
+        }
         Err(refused) => refused,
     }
 }
@@ -27,7 +30,7 @@ pub async fn one(app: &App, request: Request<Incoming>) -> Outcome {
     match authenticate(app, &parts).await {
         Ok(identity) => {
             let name = parts.uri.path().get(MODEL_PREFIX.len()..).unwrap_or_default();
-            let model = app.models.one(&percent_decode(name));
+            let model = app.models.of(&identity.product).one(&percent_decode(name));
             Outcome::of(&identity, model.map(Outcome::json).ok_or(ApiError::ModelNotFound))
         }
         Err(refused) => refused,
