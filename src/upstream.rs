@@ -17,7 +17,6 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
@@ -72,11 +71,25 @@ const FORWARDED_RESPONSE_HEADERS: [HeaderName; 6] = [
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
+/// One request to the upstream.
+pub struct Call<'a> {
+    pub method: Method,
+    /// The client's path after `/v1`, with its query: `/chat/completions`, `/responses/resp_1/input_items?limit=2`.
+    pub path: &'a str,
+    pub body: Option<Bytes>,
+    pub request_id: &'a HeaderValue,
+    pub client_headers: &'a HeaderMap,
+}
+
+/// The suffix of `OPENAI_BASE_URL` that is not part of the upstream's API base.
+const CHAT_SUFFIX: &str = "/chat/completions";
+
 pub struct Upstream {
     pool: Arc<Pool>,
-    /// The request target: with a connection of our own, HTTP/1 wants the origin-form
-    /// (path and query), not the absolute URL.
-    target: Uri,
+    /// The path of the upstream's API base (`/v1`): a call's target is this + its path.
+    /// With a connection of our own, HTTP/1 wants the origin-form (path and query), not
+    /// the absolute URL.
+    base: String,
     /// The `Host` header, which HTTP/1.1 requires and `conn::http1` does not add.
     host: HeaderValue,
     timeout: Duration,
@@ -86,37 +99,43 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(settings: &UpstreamSettings) -> Self {
         let url = &settings.url;
-        let target = url.path_and_query().map_or("/", PathAndQuery::as_str);
+        let path = url.path();
+        let base = path.strip_suffix(CHAT_SUFFIX).unwrap_or(path).trim_end_matches('/');
         Self {
             pool: Pool::new(url.clone()),
-            target: Uri::try_from(target).expect("the path of a valid URI is a valid origin-form target"),
+            base: base.to_owned(),
             host: host_header(url),
             timeout: settings.timeout,
             idle_timeout: settings.idle_timeout,
         }
     }
 
-    /// Sends `body` with the product's `authorization` and returns the client's response.
+    /// Sends `call` with the product's `authorization` and returns the client's response.
     ///
     /// Dropping the returned future or the response body cancels the upstream request.
-    pub async fn forward(
-        &self,
-        body: Bytes,
-        authorization: &HeaderValue,
-        request_id: &HeaderValue,
-        client_headers: &HeaderMap,
-    ) -> Result<Forwarded, UpstreamError> {
-        let length = body.len();
-        let mut request = Request::new(Full::new(body));
+    pub async fn forward(&self, call: Call<'_>, authorization: &HeaderValue) -> Result<Forwarded, UpstreamError> {
+        let Call {
+            method,
+            path,
+            body,
+            request_id,
+            client_headers,
+        } = call;
+        // The path comes from a parsed request URI, so base + path is a valid target.
+        let target = Uri::try_from(format!("{}{path}", self.base)).map_err(|_| UpstreamError::Unreachable)?;
+        let length = body.as_ref().map(Bytes::len);
+        let mut request = Request::new(Full::new(body.unwrap_or_default()));
         // Sized once for what is written below (growing a map rehashes it).
         *request.headers_mut() = HeaderMap::with_capacity(12);
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.target.clone();
+        *request.method_mut() = method;
+        *request.uri_mut() = target;
         let headers = request.headers_mut();
         headers.insert(header::HOST, self.host.clone());
         headers.insert(header::AUTHORIZATION, authorization.clone());
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        if let Some(length) = length {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
         headers.insert(X_REQUEST_ID, request_id.clone());
         for name in &FORWARDED_REQUEST_HEADERS {
             for value in client_headers.get_all(name) {

@@ -7,6 +7,7 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::request::{self, Outcome};
 use crate::telemetry::RequestId;
+use crate::upstream::Call;
 use crate::validate;
 
 /// Body (413, 408) -> authentication (401, 403) -> validation (400) -> limits (429) ->
@@ -31,10 +32,14 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
         let grant = app.limiter.admit(&identity).await?;
         // Authentication only yields products that have a key; a miss here is a defect.
         let key = settings.product_keys.get(&identity.product).ok_or(ApiError::Internal)?;
-        let forwarded = app
-            .upstream
-            .forward(chat.body, key.expose(), &id.0, &parts.headers)
-            .await;
+        let call = Call {
+            method: Method::POST,
+            path: request::upstream_path(&parts.uri),
+            body: Some(chat.body),
+            request_id: &id.0,
+            client_headers: &parts.headers,
+        };
+        let forwarded = app.upstream.forward(call, key.expose()).await;
         let mut outcome = forwarded.map_or_else(|error| ApiError::from(error).into(), Outcome::from);
         grant.headers.write(outcome.response.headers_mut());
         Ok(outcome)
