@@ -18,8 +18,10 @@ use crate::auth::Authenticator;
 use crate::error::ApiError;
 use crate::limit::Limiter;
 use crate::metrics;
+use crate::ownership::Ownership;
 use crate::request::Outcome;
 use crate::routes;
+use crate::routes::responses::Stored;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::{LogLine, LoggedBody, RequestId};
@@ -32,6 +34,7 @@ pub struct App {
     pub limiter: Limiter,
     pub upstream: Upstream,
     pub models: Models,
+    pub ownership: Ownership,
 }
 
 impl App {
@@ -40,9 +43,11 @@ impl App {
         let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
         Self {
             auth: Authenticator::new(&settings, store.clone()),
-            limiter: Limiter::new(&settings.limits, store),
+            limiter: Limiter::new(&settings.limits, store.clone()),
+            ownership: Ownership::new(store),
             upstream: Upstream::new(&settings.upstream),
-            models: Models::new(&settings.policy.allowed_models),
+            // Chat models, then embedding models: `/v1/models` lists both kinds.
+            models: Models::new(settings.policy.allowed_models.iter().chain(&settings.policy.embedding_models)),
             settings,
         }
     }
@@ -55,13 +60,17 @@ pub struct Models {
 }
 
 impl Models {
-    fn new(names: &[String]) -> Self {
+    fn new<'a>(names: impl Iterator<Item = &'a String>) -> Self {
         let model = |id: &str| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "openai"});
-        let list = serde_json::json!({"object": "list", "data": names.iter().map(|n| model(n)).collect::<Vec<_>>()});
-        let each = names
-            .iter()
-            .map(|n| (n.clone(), Bytes::from(model(n).to_string())))
-            .collect();
+        let mut data = Vec::new();
+        let mut each = HashMap::new();
+        for name in names {
+            // A name in both lists is listed once.
+            if each.insert(name.clone(), Bytes::from(model(name).to_string())).is_none() {
+                data.push(model(name));
+            }
+        }
+        let list = serde_json::json!({"object": "list", "data": data});
         Self {
             list: Bytes::from(list.to_string()),
             each,
@@ -83,11 +92,19 @@ pub enum Route {
     Models,
     /// `/v1/models/{model}`: the rest of the path, one character or more, is the model id.
     Model,
+    Responses,
+    /// `/v1/responses/{id}`: one path segment.
+    Response,
+    ResponseInputItems,
+    ResponseCancel,
+    Embeddings,
     Unknown,
 }
 
 /// The prefix of [`Route::Model`]'s paths.
 pub const MODEL_PREFIX: &str = "/v1/models/";
+/// The prefix of the stored-response routes' paths.
+pub const RESPONSES_PREFIX: &str = "/v1/responses/";
 
 impl Route {
     pub fn of(path: &str) -> Self {
@@ -96,7 +113,19 @@ impl Route {
             "/health" => Self::Health,
             "/v1/chat/completions" => Self::ChatCompletions,
             "/v1/models" => Self::Models,
+            "/v1/responses" => Self::Responses,
+            "/v1/embeddings" => Self::Embeddings,
             _ if path.len() > MODEL_PREFIX.len() && path.starts_with(MODEL_PREFIX) => Self::Model,
+            _ => path.strip_prefix(RESPONSES_PREFIX).map_or(Self::Unknown, Self::stored),
+        }
+    }
+
+    /// `{id}`, `{id}/input_items` or `{id}/cancel`.
+    fn stored(rest: &str) -> Self {
+        match rest.split_once('/') {
+            None if !rest.is_empty() => Self::Response,
+            Some((id, "input_items")) if !id.is_empty() => Self::ResponseInputItems,
+            Some((id, "cancel")) if !id.is_empty() => Self::ResponseCancel,
             _ => Self::Unknown,
         }
     }
@@ -109,6 +138,11 @@ impl Route {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Models => "/v1/models",
             Self::Model => "/v1/models/{*model}",
+            Self::Responses => "/v1/responses",
+            Self::Response => "/v1/responses/{id}",
+            Self::ResponseInputItems => "/v1/responses/{id}/input_items",
+            Self::ResponseCancel => "/v1/responses/{id}/cancel",
+            Self::Embeddings => "/v1/embeddings",
             Self::Unknown => metrics::UNMATCHED,
         }
     }
@@ -137,14 +171,29 @@ pub async fn handle(app: Arc<App>, request: http::Request<Incoming>) -> http::Re
 async fn dispatch(app: &App, route: Route, request: http::Request<Incoming>, id: &RequestId) -> Outcome {
     let method = request.method();
     let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
     match route {
         Route::Unknown => ApiError::NotFound.into(),
-        Route::ChatCompletions if method == Method::POST => routes::chat::completions(app, request, id).await,
-        Route::ChatCompletions => ApiError::MethodNotAllowed { allow: "POST" }.into(),
+        Route::ChatCompletions if post => routes::chat::completions(app, request, id).await,
+        Route::Responses if post => routes::responses::create(app, request, id).await,
+        Route::Embeddings if post => routes::embeddings::create(app, request, id).await,
+        Route::ResponseCancel if post => routes::responses::stored(app, request, id, Stored::Cancel).await,
+        Route::ChatCompletions | Route::Responses | Route::Embeddings | Route::ResponseCancel => {
+            ApiError::MethodNotAllowed { allow: "POST" }.into()
+        }
+        Route::Response if get => routes::responses::stored(app, request, id, Stored::Get).await,
+        Route::Response if method == Method::DELETE => {
+            routes::responses::stored(app, request, id, Stored::Delete).await
+        }
+        Route::Response => ApiError::MethodNotAllowed {
+            allow: "GET, HEAD, DELETE",
+        }
+        .into(),
         _ if !get => ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into(),
         Route::Healthz | Route::Health => routes::health::check(),
         Route::Models => routes::models::list(app, request).await,
         Route::Model => routes::models::one(app, request).await,
+        Route::ResponseInputItems => routes::responses::stored(app, request, id, Stored::InputItems).await,
     }
 }
 
@@ -160,6 +209,11 @@ mod tests {
         assert_eq!(Route::of("/v1/models"), Route::Models);
         assert_eq!(Route::of("/v1/models/gpt-4o"), Route::Model);
         assert_eq!(Route::of("/v1/models/a/b"), Route::Model);
+        assert_eq!(Route::of("/v1/responses"), Route::Responses);
+        assert_eq!(Route::of("/v1/responses/r"), Route::Response);
+        assert_eq!(Route::of("/v1/responses/r/input_items"), Route::ResponseInputItems);
+        assert_eq!(Route::of("/v1/responses/r/cancel"), Route::ResponseCancel);
+        assert_eq!(Route::of("/v1/embeddings"), Route::Embeddings);
         for unknown in [
             "/",
             "",
@@ -168,6 +222,10 @@ mod tests {
             "/V1/models",
             "/v1/models/",
             "/v1/chat/completions/x",
+            "/v1/responses/",
+            "/v1/responses//cancel",
+            "/v1/responses/r/x",
+            "/v1/responses/r/cancel/x",
         ] {
             assert_eq!(Route::of(unknown), Route::Unknown, "{unknown}");
         }

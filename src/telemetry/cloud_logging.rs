@@ -136,6 +136,9 @@ impl RequestLines {
         if let Some(id) = fields.upstream_request_id {
             str_member(out, "upstream_request_id", id)?;
         }
+        if let Some(id) = fields.response_id {
+            str_member(out, "response_id", id)?;
+        }
 
         // The user agent and the trace header are client-controlled text: only ever the
         // value of their own member, and the trace only as the ids parsed from it.
@@ -458,6 +461,7 @@ mod tests {
             error: None,
             upstream_status: None,
             upstream_request_id: None,
+            response_id: None,
             user_agent: Some("curl/8"),
             trace: Some("105445aa7843bc8bf206b12000100000"),
         };
@@ -473,6 +477,7 @@ mod tests {
                 error: Some("upstream_aborted"),
                 upstream_status: Some(200),
                 upstream_request_id: Some("upstream-req-42"),
+                response_id: None,
                 user_agent: Some("ua \"q\" \\ \u{1}\t日本"),
                 trace: Some("105445aa7843bc8bf206b12000100000/1;o=1"),
             },
@@ -508,6 +513,7 @@ mod tests {
                 user: Some("u\nv"),
                 upstream_status: Some(503),
                 upstream_request_id: Some("x\"y"),
+                response_id: None,
                 user_agent: Some(""),
                 trace: Some("not-a-trace"),
                 ..health
