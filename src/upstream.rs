@@ -90,6 +90,8 @@ pub struct Upstream {
     /// With a connection of our own, HTTP/1 wants the origin-form (path and query), not
     /// the absolute URL.
     base: String,
+    /// The query of `OPENAI_BASE_URL` (Azure's `api-version`), added to every call.
+    base_query: Option<String>,
     /// The `Host` header, which HTTP/1.1 requires and `conn::http1` does not add.
     host: HeaderValue,
     timeout: Duration,
@@ -104,6 +106,7 @@ impl Upstream {
         Self {
             pool: Pool::new(url.clone()),
             base: base.to_owned(),
+            base_query: url.query().map(str::to_owned),
             host: host_header(url),
             timeout: settings.timeout,
             idle_timeout: settings.idle_timeout,
@@ -122,7 +125,14 @@ impl Upstream {
             client_headers,
         } = call;
         // The path comes from a parsed request URI, so base + path is a valid target.
-        let target = Uri::try_from(format!("{}{path}", self.base)).map_err(|_| UpstreamError::Unreachable)?;
+        let target = match &self.base_query {
+            None => format!("{}{path}", self.base),
+            Some(query) => {
+                let joint = if path.contains('?') { '&' } else { '?' };
+                format!("{}{path}{joint}{query}", self.base)
+            }
+        };
+        let target = Uri::try_from(target).map_err(|_| UpstreamError::Unreachable)?;
         let length = body.as_ref().map(Bytes::len);
         let mut request = Request::new(Full::new(body.unwrap_or_default()));
         // Sized once for what is written below (growing a map rehashes it).

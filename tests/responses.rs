@@ -385,3 +385,47 @@ async fn models_lists_embedding_models_too_and_methods_are_checked() {
         assert_eq!(response.headers()["allow"], allow);
     }
 }
+
+#[tokio::test]
+async fn log_lines_of_responses_routes_name_the_response() {
+    let upstream = MockUpstream::openai().await;
+    let env = common::base_env(&upstream.url());
+    let server = common::ServerProcess::start(&env).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let created: serde_json::Value = client
+        .post(server.url("/v1/responses"))
+        .bearer_auth(jwt(PRODUCT, USER))
+        .body(CREATE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let response = client
+        .get(server.url(&format!("/v1/responses/{id}")))
+        .bearer_auth(jwt(PRODUCT, "bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lines = loop {
+        let lines: Vec<serde_json::Value> = server
+            .output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["message"] == "request")
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "two request lines");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines[0]["response_id"], id.as_str());
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[1]["response_id"], id.as_str());
+    assert_eq!(lines[1]["error"], "response_not_found");
+}
