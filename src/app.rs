@@ -47,7 +47,13 @@ impl App {
             ownership: Ownership::new(store),
             upstream: Upstream::new(&settings.upstream),
             // Chat models, then embedding models: `/v1/models` lists both kinds.
-            models: Models::new(settings.policy.allowed_models.iter().chain(&settings.policy.embedding_models)),
+            models: Models::new(
+                settings
+                    .policy
+                    .allowed_models
+                    .iter()
+                    .chain(&settings.policy.embedding_models),
+            ),
             settings,
         }
     }
@@ -66,7 +72,10 @@ impl Models {
         let mut each = HashMap::new();
         for name in names {
             // A name in both lists is listed once.
-            if each.insert(name.clone(), Bytes::from(model(name).to_string())).is_none() {
+            if each
+                .insert(name.clone(), Bytes::from(model(name).to_string()))
+                .is_none()
+            {
                 data.push(model(name));
             }
         }

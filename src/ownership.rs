@@ -161,12 +161,7 @@ impl Ownership {
     /// `Ok` when `owner` owns `id`; else 404 `response_not_found`, or 503
     /// `ownership_unavailable` when Redis is unavailable and memory does not know `id`.
     pub async fn check(&self, owner: &Owner, id: &str) -> Result<(), ApiError> {
-        let memory_says = || {
-            lock(&self.memory)
-                .owners
-                .get(id)
-                .map(|entry| entry.owner == *owner)
-        };
+        let memory_says = || lock(&self.memory).owners.get(id).map(|entry| entry.owner == *owner);
         let Some(store) = &self.redis else {
             return if memory_says() == Some(true) {
                 Ok(())
@@ -176,9 +171,9 @@ impl Ownership {
         };
         self.flush(store).await;
         let key = record_key(store, owner, id);
-        let exists = Box::pin(store.run(|mut conn| async move {
-            redis::cmd("EXISTS").arg(&key).query_async::<bool>(&mut conn).await
-        }))
+        let exists = Box::pin(
+            store.run(|mut conn| async move { redis::cmd("EXISTS").arg(&key).query_async::<bool>(&mut conn).await }),
+        )
         .await;
         match (exists, memory_says()) {
             (Some(true), _) | (_, Some(true)) => Ok(()),
@@ -197,9 +192,9 @@ impl Ownership {
         }
         if let Some(store) = &self.redis {
             let key = record_key(store, owner, id);
-            let _ = Box::pin(store.run(|mut conn| async move {
-                redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await
-            }))
+            let _ = Box::pin(
+                store.run(|mut conn| async move { redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await }),
+            )
             .await;
         }
     }

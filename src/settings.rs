@@ -577,7 +577,10 @@ impl Env<'_> {
             .json("ALLOWED_EMBEDDING_MODELS", "a JSON list of model names")?
             .unwrap_or_else(|| vec!["text-embedding-3-small".to_owned(), "text-embedding-3-large".to_owned()]);
         if embedding_models.iter().any(String::is_empty) {
-            return Err(SettingsError::new("ALLOWED_EMBEDDING_MODELS", "holds an empty model name"));
+            return Err(SettingsError::new(
+                "ALLOWED_EMBEDDING_MODELS",
+                "holds an empty model name",
+            ));
         }
         // Client-side tools only by default: hosted tools act on state the upstream keeps
         // under the product's one key, and their fees are outside any price.

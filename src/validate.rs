@@ -303,8 +303,6 @@ pub(crate) fn test_policy() -> Policy {
 
 #[cfg(test)]
 mod tests {
-    use std::num::NonZeroU32;
-
     use super::*;
     use crate::settings::TokensField;
 

@@ -2,13 +2,12 @@
 //! by their owner (product, principal, user) by every route and by
 //! `previous_response_id`, streamed or not, in memory and in Redis; validation and the
 //! tool and shared-object policy.
+#![allow(clippy::unwrap_used)] // test helpers, like tests, may unwrap
 
 mod common;
 
 use common::redis::RedisServer;
-use common::{
-    CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, USER, error_of, hmac_sign, jwt, nonce, now,
-};
+use common::{CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, TestApp, USER, error_of, hmac_sign, jwt, nonce, now};
 use reqwest::Method;
 
 /// Who sends a request.
@@ -80,7 +79,10 @@ async fn assert_unreachable(app: &TestApp, upstream: &MockUpstream, who: As<'_>,
         assert_eq!(response.status(), 404, "{method} {path}");
         assert_eq!(response.headers()["x-should-retry"], "false");
         let (kind, code, _) = error_of(response).await;
-        assert_eq!((kind.as_str(), code.as_str()), ("invalid_request_error", "response_not_found"));
+        assert_eq!(
+            (kind.as_str(), code.as_str()),
+            ("invalid_request_error", "response_not_found")
+        );
     }
     for stream in ["false", "true"] {
         let body = format!(r#"{{"model":"gpt-4o","input":"again","previous_response_id":"{id}","stream":{stream}}}"#);
@@ -98,9 +100,19 @@ async fn assert_owner_reaches(app: &TestApp, upstream: &MockUpstream, who: As<'_
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.last().path, format!("/v1/responses/{id}"));
     assert_eq!(upstream.last().method, Method::GET);
-    let response = send(app, who, Method::GET, &format!("/v1/responses/{id}/input_items?limit=2"), "").await;
+    let response = send(
+        app,
+        who,
+        Method::GET,
+        &format!("/v1/responses/{id}/input_items?limit=2"),
+        "",
+    )
+    .await;
     assert_eq!(response.status(), 200);
-    assert_eq!(upstream.last().target, format!("/v1/responses/{id}/input_items?limit=2"));
+    assert_eq!(
+        upstream.last().target,
+        format!("/v1/responses/{id}/input_items?limit=2")
+    );
     assert!(upstream.last().headers.get("content-type").is_none());
     let response = send(app, who, Method::POST, &format!("/v1/responses/{id}/cancel"), "").await;
     assert_eq!(response.status(), 200);
@@ -146,7 +158,10 @@ const REDIS_TIMEOUT: &str = "1000";
 async fn stored_responses_are_reachable_only_by_their_owner_in_redis_across_instances() {
     let redis = RedisServer::start();
     let upstream = MockUpstream::openai().await;
-    let overrides = [("REDIS_URL", redis.url()), ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT.to_owned())];
+    let overrides = [
+        ("REDIS_URL", redis.url()),
+        ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT.to_owned()),
+    ];
     let overrides: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let a = TestApp::spawn(&upstream.url(), &overrides).await;
     let b = TestApp::spawn(&upstream.url(), &overrides).await;
@@ -166,7 +181,10 @@ async fn stored_responses_are_reachable_only_by_their_owner_in_redis_across_inst
     // One key per record, under its owner's hash tag.
     let records: Vec<String> = redis.keys().into_iter().filter(|k| k.contains(":resp:")).collect();
     assert!(!records.is_empty());
-    assert!(records.iter().all(|k| k.starts_with("api-key-server:{o:p:")), "{records:?}");
+    assert!(
+        records.iter().all(|k| k.starts_with("api-key-server:{o:p:")),
+        "{records:?}"
+    );
     let ttl: u64 = redis.cli(&["TTL", &records[0]]).parse().unwrap();
     assert!(ttl > 29 * 24 * 3600 && ttl <= 30 * 24 * 3600, "{ttl}");
 }
@@ -175,7 +193,10 @@ async fn stored_responses_are_reachable_only_by_their_owner_in_redis_across_inst
 async fn redis_down_answers_503_for_an_unknown_id_and_keeps_new_records_until_it_is_back() {
     let mut redis = RedisServer::start();
     let upstream = MockUpstream::openai().await;
-    let overrides = [("REDIS_URL", redis.url()), ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT.to_owned())];
+    let overrides = [
+        ("REDIS_URL", redis.url()),
+        ("REDIS_TIMEOUT_MS", REDIS_TIMEOUT.to_owned()),
+    ];
     let overrides: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let a = TestApp::spawn(&upstream.url(), &overrides).await;
     let b = TestApp::spawn(&upstream.url(), &overrides).await;
@@ -186,7 +207,10 @@ async fn redis_down_answers_503_for_an_unknown_id_and_keeps_new_records_until_it
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["x-should-retry"], "true");
     let (kind, code, _) = error_of(response).await;
-    assert_eq!((kind.as_str(), code.as_str()), ("server_error", "ownership_unavailable"));
+    assert_eq!(
+        (kind.as_str(), code.as_str()),
+        ("server_error", "ownership_unavailable")
+    );
 
     // Created during the outage: kept in memory, the owner finds it, others do not.
     let during = create(&a, ALICE, CREATE_STREAM).await;
@@ -225,10 +249,17 @@ async fn responses_validation_and_the_default_output_limit() {
         ("16.0", "invalid_type"),
         ("\"100\"", "invalid_type"),
     ] {
-        let response = post(format!(r#"{{"model":"gpt-4o","input":"x","max_output_tokens":{value}}}"#)).await;
+        let response = post(format!(
+            r#"{{"model":"gpt-4o","input":"x","max_output_tokens":{value}}}"#
+        ))
+        .await;
         assert_eq!(response.status(), 400, "{value}");
         let (_, got, param) = error_of(response).await;
-        assert_eq!((got.as_str(), param.as_deref()), (code, Some("max_output_tokens")), "{value}");
+        assert_eq!(
+            (got.as_str(), param.as_deref()),
+            (code, Some("max_output_tokens")),
+            "{value}"
+        );
     }
     let response = post(r#"{"input":"x","model":"gpt-4o","max_output_tokens":null,"user":"u"}"#.to_owned()).await;
     assert_eq!(response.status(), 200);
@@ -244,7 +275,11 @@ async fn responses_validation_and_the_default_output_limit() {
     for (body, code, param) in [
         (r#"{"model":"gpt-4o"}"#, "missing_required_field", "input"),
         (r#"{"model":"gpt-9","input":"x"}"#, "model_not_allowed", "model"),
-        (r#"{"model":"gpt-4o","input":"x","temperature":3}"#, "temperature_out_of_range", "temperature"),
+        (
+            r#"{"model":"gpt-4o","input":"x","temperature":3}"#,
+            "temperature_out_of_range",
+            "temperature",
+        ),
     ] {
         let response = post(body.to_owned()).await;
         assert_eq!(response.status(), 400);
@@ -278,21 +313,36 @@ async fn tools_and_shared_objects_policy_for_responses_and_chat() {
         ("tool_not_allowed".into(), "tools".into())
     );
     let web = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"web_search_options":{}}"#;
-    assert_eq!(refused("/v1/chat/completions", web.to_owned()).await.0, "tool_not_allowed");
+    assert_eq!(
+        refused("/v1/chat/completions", web.to_owned()).await.0,
+        "tool_not_allowed"
+    );
 
     for name in ["file_id", "file_ids", "vector_store_ids", "container_id"] {
         let deep = format!(
             r#"{{"model":"gpt-4o","input":[{{"role":"user","content":[{{"type":"input_file","x":{{"y":[{{"{name}":"f_1"}}]}}}}]}}]}}"#
         );
-        assert_eq!(refused("/v1/responses", deep).await, ("unsupported_parameter".into(), name.into()));
+        assert_eq!(
+            refused("/v1/responses", deep).await,
+            ("unsupported_parameter".into(), name.into())
+        );
         let chat = format!(
             r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":[{{"type":"file","file":{{"{name}":"f_1"}}}}]}}]}}"#
         );
-        assert_eq!(refused("/v1/chat/completions", chat).await, ("unsupported_parameter".into(), name.into()));
+        assert_eq!(
+            refused("/v1/chat/completions", chat).await,
+            ("unsupported_parameter".into(), name.into())
+        );
     }
     for (body, param) in [
-        (r#"{"model":"gpt-4o","input":[{"type":"item_reference","id":"msg_1"}]}"#, "input"),
-        (r#"{"model":"gpt-4o","input":"x","conversation":"conv_1"}"#, "conversation"),
+        (
+            r#"{"model":"gpt-4o","input":[{"type":"item_reference","id":"msg_1"}]}"#,
+            "input",
+        ),
+        (
+            r#"{"model":"gpt-4o","input":"x","conversation":"conv_1"}"#,
+            "conversation",
+        ),
         (r#"{"model":"gpt-4o","input":"x","prompt":{"id":"pmpt_1"}}"#, "prompt"),
     ] {
         assert_eq!(
@@ -307,11 +357,15 @@ async fn tools_and_shared_objects_policy_for_responses_and_chat() {
     for (path, body) in [
         (
             "/v1/responses",
-            format!(r#"{{"model":"gpt-4o","input":"x","metadata":{{"file_id":"f"}},"tools":[{{"type":"function","name":"f","parameters":{schema}}}],"text":{{"format":{{"type":"json_schema","name":"s","schema":{schema}}}}}}}"#),
+            format!(
+                r#"{{"model":"gpt-4o","input":"x","metadata":{{"file_id":"f"}},"tools":[{{"type":"function","name":"f","parameters":{schema}}}],"text":{{"format":{{"type":"json_schema","name":"s","schema":{schema}}}}}}}"#
+            ),
         ),
         (
             "/v1/chat/completions",
-            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{schema}}}}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{schema}}}}}}}"#),
+            format!(
+                r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{schema}}}}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{schema}}}}}}}"#
+            ),
         ),
     ] {
         let response = send(&app, ALICE, Method::POST, path, &body).await;
@@ -324,7 +378,10 @@ async fn tools_allowed_by_setting_pass() {
     let upstream = MockUpstream::openai().await;
     let app = TestApp::spawn(&upstream.url(), &[("ALLOWED_TOOLS", r#"["function","web_search"]"#)]).await;
     let body = r#"{"model":"gpt-4o","input":"x","tools":[{"type":"web_search"}]}"#;
-    assert_eq!(send(&app, ALICE, Method::POST, "/v1/responses", body).await.status(), 200);
+    assert_eq!(
+        send(&app, ALICE, Method::POST, "/v1/responses", body).await.status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -353,12 +410,25 @@ async fn embeddings_are_validated_and_forwarded() {
         let (_, got, param) = error_of(response).await;
         assert_eq!((got.as_str(), param.as_deref()), (code, Some("input")));
     }
-    let many = format!(r#"{{"model":"text-embedding-3-small","input":[{}]}}"#, vec!["1"; 2049].join(","));
-    assert_eq!(send(&app, ALICE, Method::POST, "/v1/embeddings", &many).await.status(), 400);
+    let many = format!(
+        r#"{{"model":"text-embedding-3-small","input":[{}]}}"#,
+        vec!["1"; 2049].join(",")
+    );
+    assert_eq!(
+        send(&app, ALICE, Method::POST, "/v1/embeddings", &many).await.status(),
+        400
+    );
     let chat_model = r#"{"model":"gpt-4o","input":"a"}"#;
     let response = send(&app, ALICE, Method::POST, "/v1/embeddings", chat_model).await;
     assert_eq!(error_of(response).await.1, "model_not_allowed");
-    let response = send(&app, ALICE, Method::POST, "/v1/embeddings", r#"{"model":"text-embedding-3-small","input":"a","dimensions":0}"#).await;
+    let response = send(
+        &app,
+        ALICE,
+        Method::POST,
+        "/v1/embeddings",
+        r#"{"model":"text-embedding-3-small","input":"a","dimensions":0}"#,
+    )
+    .await;
     assert_eq!(error_of(response).await.2.as_deref(), Some("dimensions"));
 }
 
@@ -368,8 +438,21 @@ async fn models_lists_embedding_models_too_and_methods_are_checked() {
     let app = TestApp::spawn(&upstream.url(), &[]).await;
     let response = send(&app, ALICE, Method::GET, "/v1/models", "").await;
     let value: serde_json::Value = response.json().await.unwrap();
-    let ids: Vec<&str> = value["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "text-embedding-3-large"]);
+    let ids: Vec<&str> = value["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "text-embedding-3-small",
+            "text-embedding-3-large"
+        ]
+    );
     let response = send(&app, ALICE, Method::GET, "/v1/models/text-embedding-3-large", "").await;
     assert_eq!(response.status(), 200);
 

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::response::Response;
 use axum::extract::Path;
-use base64::Engine as _;
+use axum::response::Response;
 use axum::routing::{get, post};
+use base64::Engine as _;
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -208,7 +208,10 @@ async fn responses(body: Bytes) -> Response {
             json!({"type": "response.output_text.delta", "item_id": format!("msg_{id}"), "output_index": 0, "content_index": 0, "delta": piece}),
         ));
     }
-    events.push(("response.completed", json!({"type": "response.completed", "response": done})));
+    events.push((
+        "response.completed",
+        json!({"type": "response.completed", "response": done}),
+    ));
     let mut sse = String::new();
     for (number, (name, mut event)) in events.into_iter().enumerate() {
         event["sequence_number"] = json!(number);
@@ -226,12 +229,20 @@ async fn responses(body: Bytes) -> Response {
 async fn stored(Path(id): Path<String>) -> Response {
     json_response(
         StatusCode::OK,
-        &response_object(&id, "gpt-4o-mini", Some("Hello from the api-key-server dev upstream!"), 1),
+        &response_object(
+            &id,
+            "gpt-4o-mini",
+            Some("Hello from the api-key-server dev upstream!"),
+            1,
+        ),
     )
 }
 
 async fn deleted(Path(id): Path<String>) -> Response {
-    json_response(StatusCode::OK, &json!({"id": id, "object": "response", "deleted": true}))
+    json_response(
+        StatusCode::OK,
+        &json!({"id": id, "object": "response", "deleted": true}),
+    )
 }
 
 async fn input_items() -> Response {

@@ -72,6 +72,8 @@ fn feed_json(json: &mut JsonScan, chunk: &[u8]) -> Scan {
     Scan::More
 }
 
+// A byte-at-a-time parser's flags; an enum per flag would say no more.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Default)]
 struct SseState {
     /// In the field name of a line (before its `:`).
@@ -147,6 +149,7 @@ fn feed_sse(sse: &mut SseState, json: &mut JsonScan, chunk: &[u8]) -> Scan {
 }
 
 /// A string value found at `depth` (1 = a member of the top-level object), under `keys`.
+#[allow(clippy::struct_field_names)]
 struct Value {
     depth: usize,
     keys: [String; 2],
@@ -154,6 +157,7 @@ struct Value {
 }
 
 /// A JSON tokenizer that keeps only the keys of the two shallowest levels.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Default)]
 struct JsonScan {
     depth: usize,
@@ -263,7 +267,8 @@ mod tests {
 
     #[test]
     fn finds_the_top_level_id_of_a_json_answer_in_any_chunking() {
-        let body = r#"{"object":"response","nested":{"id":"not_this"},"list":[{"id":"nor_this"}],"id":"resp_abc","x":1}"#;
+        let body =
+            r#"{"object":"response","nested":{"id":"not_this"},"list":[{"id":"nor_this"}],"id":"resp_abc","x":1}"#;
         for step in [1, 3, 7, body.len()] {
             assert_eq!(scan_all(IdScanner::json(), body, step), Scan::Found("resp_abc".into()));
         }
@@ -278,14 +283,21 @@ mod tests {
             assert_eq!(scan_all(IdScanner::sse(), stream, step), Scan::Found("resp_9".into()));
         }
         let no_event_line = "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_8\"}}\r\n\r\n";
-        assert_eq!(scan_all(IdScanner::sse(), no_event_line, 2), Scan::Found("resp_8".into()));
+        assert_eq!(
+            scan_all(IdScanner::sse(), no_event_line, 2),
+            Scan::Found("resp_8".into())
+        );
         let other_first = "event: error\ndata: {\"type\":\"error\",\"response\":{\"id\":\"resp_7\"}}\n\nevent: response.created\ndata: {\"response\":{\"id\":\"resp_6\"}}\n\n";
         assert_eq!(scan_all(IdScanner::sse(), other_first, 3), Scan::GiveUp);
     }
 
     #[test]
     fn deep_nesting_is_counted_not_stacked() {
-        let body = format!(r#"{{"a":{}{},"id":"resp_1"}}"#, "[".repeat(100_000), "]".repeat(100_000));
+        let body = format!(
+            r#"{{"a":{}{},"id":"resp_1"}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         assert_eq!(scan_all(IdScanner::json(), &body, 4096), Scan::Found("resp_1".into()));
     }
 }

@@ -31,7 +31,11 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         }
         let grant = app.limiter.admit(&identity).await?;
         // Budget seam: reserve here (contract "Budgets"), settle when the body ends.
-        let key = app.settings.product_keys.get(&identity.product).ok_or(ApiError::Internal)?;
+        let key = app
+            .settings
+            .product_keys
+            .get(&identity.product)
+            .ok_or(ApiError::Internal)?;
         let call = Call {
             method: Method::POST,
             path: request::upstream_path(&parts.uri),
@@ -83,7 +87,11 @@ pub async fn stored(app: &App, request: Request<Incoming>, id: &RequestId, actio
         app.ownership.check(&owner, response_id).await?;
         let grant = app.limiter.admit(&identity).await?;
         // Budget seam: these calls cost no tokens; nothing to reserve.
-        let key = app.settings.product_keys.get(&identity.product).ok_or(ApiError::Internal)?;
+        let key = app
+            .settings
+            .product_keys
+            .get(&identity.product)
+            .ok_or(ApiError::Internal)?;
         let method = match action {
             Stored::Get | Stored::InputItems => Method::GET,
             Stored::Delete => Method::DELETE,
@@ -119,7 +127,8 @@ pub async fn stored(app: &App, request: Request<Incoming>, id: &RequestId, actio
 fn response_id(path: &str) -> Option<&str> {
     let rest = path.strip_prefix(RESPONSES_PREFIX)?;
     let id = rest.split('/').next()?;
-    let valid = !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let valid =
+        !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     valid.then_some(id)
 }
 

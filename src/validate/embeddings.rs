@@ -77,7 +77,11 @@ enum Kind {
 
 fn check_input(raw: &str) -> Result<(), ValidationError> {
     if raw.starts_with('"') {
-        return if is_non_empty_string(raw) { Ok(()) } else { Err(bad_input()) };
+        return if is_non_empty_string(raw) {
+            Ok(())
+        } else {
+            Err(bad_input())
+        };
     }
     if !raw.starts_with('[') {
         return Err(ValidationError::InvalidType("input"));
@@ -161,7 +165,10 @@ mod tests {
 
     #[test]
     fn model_dimensions_and_format_rules() {
-        assert_eq!(check(r#"{"model":"gpt-4o","input":"a"}"#).expect_err("x"), ValidationError::ModelNotAllowed);
+        assert_eq!(
+            check(r#"{"model":"gpt-4o","input":"a"}"#).expect_err("x"),
+            ValidationError::ModelNotAllowed
+        );
         let with = |m: &str| check(&format!(r#"{{"model":"text-embedding-3-small","input":"a",{m}}}"#));
         assert!(with(r#""dimensions":1"#).is_ok());
         for bad in ["0", "-1", "1.0", "\"8\"", "null"] {

@@ -101,9 +101,7 @@ fn check_tools(raw: &str, policy: &Policy) -> Result<(), ValidationError> {
     for entry in entries {
         // An entry that is not an object, or has no string `type` (or two), has no
         // allowed type.
-        let kind = serde_json::from_str::<Typed<'_>>(entry.get())
-            .ok()
-            .and_then(|t| t.kind);
+        let kind = serde_json::from_str::<Typed<'_>>(entry.get()).ok().and_then(|t| t.kind);
         if !kind.is_some_and(|kind| policy.allows_tool(&kind)) {
             return Err(ValidationError::ToolNotAllowed);
         }
@@ -162,7 +160,7 @@ const TRACKED: usize = 3;
 
 /// Whether `key`, found inside the containers `labels` (outermost first; `depth` of them
 /// open), holds a JSON Schema object.
-fn is_schema(labels: &[Label; TRACKED], depth: usize, key: &str) -> bool {
+fn is_schema(labels: [Label; TRACKED], depth: usize, key: &str) -> bool {
     use Label as L;
     match (key, depth) {
         ("parameters", 2) => labels[..2] == [L::Tools, L::Element],
@@ -189,7 +187,7 @@ fn scan(member: Label, raw: &str) -> Result<(), ValidationError> {
                 if b.get(colon) == Some(&b':') {
                     let key = key_text(&raw[i..end]);
                     let value = skip_ws(b, colon + 1);
-                    if key == "metadata" || is_schema(&labels, depth, &key) {
+                    if key == "metadata" || is_schema(labels, depth, &key) {
                         i = skip_value(b, value);
                         continue;
                     }
@@ -370,7 +368,10 @@ mod tests {
             unsupported(r#"{"input":[{"type":"item_reference","id":"msg_1"}]}"#),
             Some("input")
         );
-        assert_eq!(unsupported(r#"{"input":[{"type":"item\u005freference","id":"m"}]}"#), Some("input"));
+        assert_eq!(
+            unsupported(r#"{"input":[{"type":"item\u005freference","id":"m"}]}"#),
+            Some("input")
+        );
         assert_eq!(unsupported(r#"{"conversation":"conv_1"}"#), Some("conversation"));
         assert_eq!(unsupported(r#"{"prompt":{"id":"pmpt_1"}}"#), Some("prompt"));
         assert_eq!(unsupported(r#"{"conversation":null,"prompt":null}"#), None);
@@ -386,13 +387,20 @@ mod tests {
             r#"[{"type":"function","type":"file_search"}]"#,
         ] {
             let body = format!(r#"{{"tools":{tools}}}"#);
-            assert_eq!(run(&body, Api::Responses), Err(ValidationError::ToolNotAllowed), "{body}");
+            assert_eq!(
+                run(&body, Api::Responses),
+                Err(ValidationError::ToolNotAllowed),
+                "{body}"
+            );
         }
         assert_eq!(
             run(r#"{"web_search_options":{}}"#, Api::Chat),
             Err(ValidationError::ToolNotAllowed)
         );
-        assert_eq!(run(r#"{"tools":{}}"#, Api::Chat), Err(ValidationError::InvalidType("tools")));
+        assert_eq!(
+            run(r#"{"tools":{}}"#, Api::Chat),
+            Err(ValidationError::InvalidType("tools"))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::policy::{self, Api};
-use super::{Members, MaybeBorrowed, ValidationError, check_model, check_temperature, check_token_range, with_limit};
+use super::{MaybeBorrowed, Members, ValidationError, check_model, check_temperature, check_token_range, with_limit};
 use crate::settings::Policy;
 
 const MAX_OUTPUT_TOKENS: &str = "max_output_tokens";
@@ -92,7 +92,10 @@ mod tests {
     #[test]
     fn the_default_limit_is_added_last_and_a_null_one_dropped() {
         let r = check(r#"{"model":"gpt-4o","input":"hi","max_output_tokens":null,"stream":true}"#).expect("valid");
-        assert_eq!(text(&r), r#"{"model":"gpt-4o","input":"hi","stream":true,"max_output_tokens":2048}"#);
+        assert_eq!(
+            text(&r),
+            r#"{"model":"gpt-4o","input":"hi","stream":true,"max_output_tokens":2048}"#
+        );
         assert!(r.stream);
         let body = r#"{ "model":"gpt-4o", "input":[{"role":"user","content":"hi"}], "max_output_tokens": 16 }"#;
         assert_eq!(text(&check(body).expect("valid")), body);
@@ -113,12 +116,18 @@ mod tests {
 
     #[test]
     fn model_input_and_previous_response_rules() {
-        assert_eq!(check(r#"{"input":"x"}"#).expect_err("x"), ValidationError::Missing("model"));
+        assert_eq!(
+            check(r#"{"input":"x"}"#).expect_err("x"),
+            ValidationError::Missing("model")
+        );
         assert_eq!(
             check(r#"{"model":"text-embedding-3-small","input":"x"}"#).expect_err("x"),
             ValidationError::ModelNotAllowed
         );
-        assert_eq!(check(r#"{"model":"gpt-4o"}"#).expect_err("x"), ValidationError::Missing("input"));
+        assert_eq!(
+            check(r#"{"model":"gpt-4o"}"#).expect_err("x"),
+            ValidationError::Missing("input")
+        );
         assert_eq!(
             check(r#"{"model":"gpt-4o","input":{}}"#).expect_err("x"),
             ValidationError::InvalidType("input")

@@ -244,7 +244,7 @@ impl MockUpstream {
             .route("/v1/chat/completions", post(openai_handler))
             .route(
                 "/v1/responses",
-                post(move |body: Bytes| responses_handler(counter.clone(), body)),
+                post(move |body: Bytes| std::future::ready(responses_handler(&counter, &body))),
             )
             .route(
                 "/v1/responses/{id}",
@@ -329,8 +329,8 @@ fn json_response(body: String) -> Response {
     r
 }
 
-async fn responses_handler(counter: Arc<AtomicUsize>, body: Bytes) -> Response {
-    let stream = serde_json::from_slice::<serde_json::Value>(&body)
+fn responses_handler(counter: &AtomicUsize, body: &Bytes) -> Response {
+    let stream = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["stream"].as_bool())
         == Some(true);
@@ -352,7 +352,10 @@ async fn responses_handler(counter: Arc<AtomicUsize>, body: Bytes) -> Response {
             format!(r#"{{"type":"response.completed","sequence_number":2,"response":{}}}"#, response_json(&id)),
         ),
     ];
-    let body: String = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
+    let mut body = String::new();
+    for (name, data) in events {
+        let _ = std::fmt::Write::write_fmt(&mut body, format_args!("event: {name}\ndata: {data}\n\n"));
+    }
     let mut r = Response::new(Body::from(body));
     r.headers_mut()
         .insert("content-type", HeaderValue::from_static("text/event-stream"));
