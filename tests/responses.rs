@@ -512,3 +512,62 @@ async fn log_lines_of_responses_routes_name_the_response() {
     assert_eq!(lines[1]["response_id"], id.as_str());
     assert_eq!(lines[1]["error"], "response_not_found");
 }
+
+#[tokio::test]
+async fn a_streamed_responses_id_is_recorded_before_the_client_sees_it() {
+    use axum::response::Response;
+    use http::HeaderValue;
+    use std::sync::{Arc, Mutex};
+    // An upstream whose stream stays open after `response.created` until the test ends it.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let slot = Arc::new(Mutex::new(Some(tx)));
+    let router = axum::Router::new()
+        .route("/v1/responses/{id}", axum::routing::get(|| async { "{}" }))
+        .route(
+            "/v1/responses",
+            axum::routing::post(move || {
+                let slot = slot.clone();
+                async move {
+                    let (feed, body, _dropped) = common::channel_body();
+                    if let Some(tx) = slot.lock().unwrap().take() {
+                        let _ = tx.send(feed);
+                    }
+                    let mut response = Response::new(body);
+                    response
+                        .headers_mut()
+                        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+                    response
+                }
+            }),
+        );
+    let upstream = MockUpstream::start(router).await;
+    let app = TestApp::spawn(&upstream.url(), &[]).await;
+    // The answer's head waits for the id too: send from a task of its own.
+    let request = app
+        .client
+        .post(app.url("/v1/responses"))
+        .bearer_auth(jwt(PRODUCT, USER))
+        .body(CREATE_STREAM)
+        .send();
+    let pending = tokio::spawn(request);
+    let feed = rx.await.unwrap();
+    let first = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_live\",\"status\":\"in_progress\"}}\n\n";
+    // The id arrives split across two chunks.
+    feed.send(Ok(bytes::Bytes::from(&first[..60]))).await.unwrap();
+    feed.send(Ok(bytes::Bytes::from(&first[60..]))).await.unwrap();
+    let mut stream = pending.await.unwrap().unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("resp_live\"") {
+        let chunk = stream.chunk().await.unwrap().expect("more of the stream");
+        seen.extend_from_slice(&chunk);
+    }
+    // The stream is still open, and the record already exists: the owner reaches it,
+    // nobody else does.
+    let response = send(&app, BOB, Method::GET, "/v1/responses/resp_live", "").await;
+    assert_eq!(response.status(), 404);
+    let response = send(&app, ALICE, Method::GET, "/v1/responses/resp_live", "").await;
+    assert_eq!(response.status(), 200);
+    drop(feed);
+    assert!(stream.chunk().await.unwrap().is_none());
+}
