@@ -3,7 +3,8 @@
 # with openai and httpx) and Node (openai@6 in a folder under target/), and curl.
 #
 # What it starts, all on 127.0.0.1 and free ports, all stopped at the end:
-#   main      `api-key-server dev` and its built-in fake upstream: plain, streamed, HMAC
+#   main      `api-key-server dev` and its built-in fake upstream: plain, streamed, HMAC,
+#             the Responses API and embeddings
 #   limited   two `dev` instances (Python's, Node's) with a 1-request bucket refilled at
 #             0.5/s and a daily quota of 2: the 429 examples
 #   badkey    `dev` with OPENAI_API_KEY set and an upstream that answers 401:
@@ -201,11 +202,13 @@ run() {
 }
 run python_chat_jwt "$python" examples/python/chat_jwt.py
 run python_chat_hmac "$python" examples/python/chat_hmac.py
+run python_responses_jwt "$python" examples/python/responses_jwt.py
 run python_errors env PROXY_LIMITED_URL="$(value limited_python URL)" PROXY_LIMITED_JWT="$(value limited_python JWT)" \
   "${badkey_env[@]}" "$python" examples/python/errors.py
 run python_desktop_client env "${refresh_env[@]}" "$python" examples/python/desktop_client.py
 run node_chat_jwt node examples/node/chat_jwt.js
 run node_chat_hmac node examples/node/chat_hmac.js
+run node_responses_jwt node examples/node/responses_jwt.js
 run node_errors env PROXY_LIMITED_URL="$(value limited_node URL)" PROXY_LIMITED_JWT="$(value limited_node JWT)" \
   "${badkey_env[@]}" node examples/node/errors.js
 run node_desktop_client env "${refresh_env[@]}" node examples/node/desktop_client.js

@@ -18,8 +18,10 @@ use crate::auth::Authenticator;
 use crate::error::ApiError;
 use crate::limit::Limiter;
 use crate::metrics;
+use crate::ownership::Ownership;
 use crate::request::Outcome;
 use crate::routes;
+use crate::routes::responses::Stored;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::{LogLine, LoggedBody, RequestId};
@@ -32,6 +34,7 @@ pub struct App {
     pub limiter: Limiter,
     pub upstream: Upstreams,
     pub models: Models,
+    pub ownership: Ownership,
 }
 
 impl App {
@@ -40,7 +43,8 @@ impl App {
         let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
         Self {
             auth: Authenticator::new(&settings, store.clone()),
-            limiter: Limiter::with_clock(&settings.limits, store, settings.clock.clone()),
+            limiter: Limiter::with_clock(&settings.limits, store.clone(), settings.clock.clone()),
+            ownership: Ownership::new(store),
             upstream: Upstreams::new(&settings),
             models: Models::new(&settings),
             settings,
@@ -59,18 +63,19 @@ pub struct Models {
 impl Models {
     fn new(settings: &Settings) -> Self {
         let chat = &settings.policy.allowed_models;
+        let embedding = &settings.policy.embedding_models;
         let products = settings
             .product_upstreams
             .iter()
             .filter(|(_, u)| u.models.is_some() || u.embedding_models.is_some())
             .map(|(product, u)| {
                 let chat = u.models.as_deref().unwrap_or(chat);
-                let embedding = u.embedding_models.as_deref().unwrap_or_default();
+                let embedding = u.embedding_models.as_deref().unwrap_or(embedding);
                 (Arc::clone(product), ModelList::new(chat, embedding))
             })
             .collect();
         Self {
-            default: ModelList::new(chat, &[]),
+            default: ModelList::new(chat, embedding),
             products,
         }
     }
@@ -123,11 +128,19 @@ pub enum Route {
     Models,
     /// `/v1/models/{model}`: the rest of the path, one character or more, is the model id.
     Model,
+    Responses,
+    /// `/v1/responses/{id}`: one path segment.
+    Response,
+    ResponseInputItems,
+    ResponseCancel,
+    Embeddings,
     Unknown,
 }
 
 /// The prefix of [`Route::Model`]'s paths.
 pub const MODEL_PREFIX: &str = "/v1/models/";
+/// The prefix of the stored-response routes' paths.
+pub const RESPONSES_PREFIX: &str = "/v1/responses/";
 
 impl Route {
     pub fn of(path: &str) -> Self {
@@ -136,7 +149,19 @@ impl Route {
             "/health" => Self::Health,
             "/v1/chat/completions" => Self::ChatCompletions,
             "/v1/models" => Self::Models,
+            "/v1/responses" => Self::Responses,
+            "/v1/embeddings" => Self::Embeddings,
             _ if path.len() > MODEL_PREFIX.len() && path.starts_with(MODEL_PREFIX) => Self::Model,
+            _ => path.strip_prefix(RESPONSES_PREFIX).map_or(Self::Unknown, Self::stored),
+        }
+    }
+
+    /// `{id}`, `{id}/input_items` or `{id}/cancel`.
+    fn stored(rest: &str) -> Self {
+        match rest.split_once('/') {
+            None if !rest.is_empty() => Self::Response,
+            Some((id, "input_items")) if !id.is_empty() => Self::ResponseInputItems,
+            Some((id, "cancel")) if !id.is_empty() => Self::ResponseCancel,
             _ => Self::Unknown,
         }
     }
@@ -149,6 +174,11 @@ impl Route {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Models => "/v1/models",
             Self::Model => "/v1/models/{*model}",
+            Self::Responses => "/v1/responses",
+            Self::Response => "/v1/responses/{id}",
+            Self::ResponseInputItems => "/v1/responses/{id}/input_items",
+            Self::ResponseCancel => "/v1/responses/{id}/cancel",
+            Self::Embeddings => "/v1/embeddings",
             Self::Unknown => metrics::UNMATCHED,
         }
     }
@@ -177,14 +207,29 @@ pub async fn handle(app: Arc<App>, request: http::Request<Incoming>) -> http::Re
 async fn dispatch(app: &App, route: Route, request: http::Request<Incoming>, id: &RequestId) -> Outcome {
     let method = request.method();
     let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
     match route {
         Route::Unknown => ApiError::NotFound.into(),
-        Route::ChatCompletions if method == Method::POST => routes::chat::completions(app, request, id).await,
-        Route::ChatCompletions => ApiError::MethodNotAllowed { allow: "POST" }.into(),
+        Route::ChatCompletions if post => routes::chat::completions(app, request, id).await,
+        Route::Responses if post => routes::responses::create(app, request, id).await,
+        Route::Embeddings if post => routes::embeddings::create(app, request, id).await,
+        Route::ResponseCancel if post => routes::responses::stored(app, request, id, Stored::Cancel).await,
+        Route::ChatCompletions | Route::Responses | Route::Embeddings | Route::ResponseCancel => {
+            ApiError::MethodNotAllowed { allow: "POST" }.into()
+        }
+        Route::Response if get => routes::responses::stored(app, request, id, Stored::Get).await,
+        Route::Response if method == Method::DELETE => {
+            routes::responses::stored(app, request, id, Stored::Delete).await
+        }
+        Route::Response => ApiError::MethodNotAllowed {
+            allow: "GET, HEAD, DELETE",
+        }
+        .into(),
         _ if !get => ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into(),
         Route::Healthz | Route::Health => routes::health::check(),
         Route::Models => routes::models::list(app, request).await,
         Route::Model => routes::models::one(app, request).await,
+        Route::ResponseInputItems => routes::responses::stored(app, request, id, Stored::InputItems).await,
     }
 }
 
@@ -200,6 +245,11 @@ mod tests {
         assert_eq!(Route::of("/v1/models"), Route::Models);
         assert_eq!(Route::of("/v1/models/gpt-4o"), Route::Model);
         assert_eq!(Route::of("/v1/models/a/b"), Route::Model);
+        assert_eq!(Route::of("/v1/responses"), Route::Responses);
+        assert_eq!(Route::of("/v1/responses/r"), Route::Response);
+        assert_eq!(Route::of("/v1/responses/r/input_items"), Route::ResponseInputItems);
+        assert_eq!(Route::of("/v1/responses/r/cancel"), Route::ResponseCancel);
+        assert_eq!(Route::of("/v1/embeddings"), Route::Embeddings);
         for unknown in [
             "/",
             "",
@@ -208,6 +258,10 @@ mod tests {
             "/V1/models",
             "/v1/models/",
             "/v1/chat/completions/x",
+            "/v1/responses/",
+            "/v1/responses//cancel",
+            "/v1/responses/r/x",
+            "/v1/responses/r/cancel/x",
         ] {
             assert_eq!(Route::of(unknown), Route::Unknown, "{unknown}");
         }

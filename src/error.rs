@@ -22,6 +22,14 @@ pub enum ApiError {
     /// 404 `model_not_found`: `GET /v1/models/{model}` for a model that is not allowed.
     #[error("model not found")]
     ModelNotFound,
+    /// 404 `response_not_found`: a stored response the caller does not own (whether or
+    /// not it exists upstream).
+    #[error("response not found")]
+    ResponseNotFound,
+    /// 503 `ownership_unavailable`: Redis is unavailable and memory does not know the
+    /// stored response; retrying soon may find it.
+    #[error("ownership unavailable")]
+    OwnershipUnavailable,
     /// 405 `method_not_allowed`, with `Allow`.
     #[error("method not allowed")]
     MethodNotAllowed { allow: &'static str },
@@ -89,6 +97,19 @@ impl ApiError {
                 "model_not_found",
                 "The model does not exist or is not allowed.",
             ),
+            Self::ResponseNotFound => d(
+                S::NOT_FOUND,
+                INVALID,
+                "response_not_found",
+                "No stored response with that id belongs to this caller.",
+            ),
+            Self::OwnershipUnavailable => d(
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                "ownership_unavailable",
+                "The owner of this stored response cannot be checked right now; retry shortly.",
+            )
+            .retry_if(true),
             Self::MethodNotAllowed { .. } => d(
                 S::METHOD_NOT_ALLOWED,
                 INVALID,
@@ -185,10 +206,10 @@ impl ApiError {
                     ),
                     V::Missing(p) => (
                         "missing_required_field",
-                        if p == "model" {
-                            "The request must name a model."
-                        } else {
-                            "The request must have a non-empty messages array."
+                        match p {
+                            "model" => "The request must name a model.",
+                            "input" => "The request must have an input.",
+                            _ => "The request must have a non-empty messages array.",
                         },
                         Some(p),
                     ),
@@ -198,6 +219,9 @@ impl ApiError {
                             "model" => "model must be a string.",
                             "messages" => "messages must be an array.",
                             "temperature" => "temperature must be a number.",
+                            "input" => "input must be a string or an array.",
+                            "tools" => "tools must be an array.",
+                            "previous_response_id" => "previous_response_id must be a string.",
                             _ => "The token limit must be an integer.",
                         },
                         Some(p),
@@ -208,7 +232,26 @@ impl ApiError {
                         Some("model"),
                     ),
                     V::EmptyMessages => ("invalid_messages", "messages must not be empty.", Some("messages")),
-                    V::TooSmall(p) => ("invalid_value", "The token limit must be at least 1.", Some(p)),
+                    V::TooSmall(p) => (
+                        "invalid_value",
+                        if p == "max_output_tokens" {
+                            "max_output_tokens must be at least 16."
+                        } else {
+                            "The token limit must be at least 1."
+                        },
+                        Some(p),
+                    ),
+                    V::InvalidValue(p, message) => ("invalid_value", message, Some(p)),
+                    V::ToolNotAllowed => (
+                        "tool_not_allowed",
+                        "A tool type in tools is not allowed on this gateway.",
+                        Some("tools"),
+                    ),
+                    V::Unsupported(p) => (
+                        "unsupported_parameter",
+                        "This parameter names state the upstream keeps for every user of this product; it is not supported.",
+                        Some(p),
+                    ),
                     V::TooLarge(p) => (
                         "max_tokens_too_large",
                         "The token limit is above this gateway's maximum.",

@@ -8,8 +8,8 @@
 //!   ([`telemetry`]: request id and log line);
 //! - [`routes`] has one handler per API, each the contract's order of checks, one call
 //!   per step: body ([`request`]) -> [`auth`] (JWT or HMAC, to an [`auth::Identity`]) ->
-//!   [`validate`] -> [`limit`] (bucket and daily quota, in [`store`] or memory) ->
-//!   [`upstream`];
+//!   [`validate`] -> [`ownership`] (stored responses) -> [`limit`] (bucket and daily
+//!   quota, in [`store`] or memory) -> [`upstream`];
 //! - a handler hands back one [`request::Outcome`] (the response and what the log line
 //!   needs); [`error`] turns every failure into the contract's error envelope.
 //!
@@ -31,6 +31,7 @@ pub mod error;
 pub mod limit;
 mod lock;
 pub mod metrics;
+pub mod ownership;
 pub mod request;
 pub mod routes;
 pub mod server;

@@ -105,6 +105,12 @@ impl From<Forwarded> for Outcome {
     }
 }
 
+/// The client's path after `/v1`, with its query: what goes after the upstream's API base.
+pub fn upstream_path(uri: &http::Uri) -> &str {
+    let path = uri.path_and_query().map_or(uri.path(), http::uri::PathAndQuery::as_str);
+    path.strip_prefix("/v1").unwrap_or(path)
+}
+
 /// The whole body, refused with 413 as soon as its declared or actual size is over
 /// `limit` (a `Content-Length` is checked before reading a byte, chunk sizes as they come
 /// in), and with 408 when it takes longer than `timeout`.

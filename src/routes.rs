@@ -4,5 +4,7 @@
 //! (body, [`crate::request::Outcome`]) is in [`crate::request`].
 
 pub mod chat;
+pub mod embeddings;
 pub mod health;
 pub mod models;
+pub mod responses;

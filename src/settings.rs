@@ -34,6 +34,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "CLIENT_HMAC_SECRETS",
     "CLIENT_PRODUCTS",
     "ALLOWED_MODELS",
+    "ALLOWED_EMBEDDING_MODELS",
+    "ALLOWED_TOOLS",
     "MAX_TOKENS",
     "DEFAULT_TOKENS_FIELD",
     "TEMPERATURE_RANGE",
@@ -147,11 +149,23 @@ pub struct Policy {
     pub default_tokens_field: TokensField,
     pub temperature_min: f64,
     pub temperature_max: f64,
+    /// `ALLOWED_EMBEDDING_MODELS`, in configuration order.
+    pub embedding_models: Vec<String>,
+    /// `ALLOWED_TOOLS`: the tool `type`s a request may declare.
+    pub allowed_tools: Vec<String>,
 }
 
 impl Policy {
     pub fn allows_model(&self, model: &str) -> bool {
         self.allowed_models.iter().any(|m| m == model)
+    }
+
+    pub fn allows_embedding_model(&self, model: &str) -> bool {
+        self.embedding_models.iter().any(|m| m == model)
+    }
+
+    pub fn allows_tool(&self, kind: &str) -> bool {
+        self.allowed_tools.iter().any(|t| t == kind)
     }
 }
 
@@ -615,12 +629,28 @@ impl Env<'_> {
         if temperature_min > temperature_max {
             return Err(SettingsError::new("TEMPERATURE_RANGE", "min is greater than max"));
         }
+        let embedding_models: Vec<String> = self
+            .json("ALLOWED_EMBEDDING_MODELS", "a JSON list of model names")?
+            .unwrap_or_else(|| vec!["text-embedding-3-small".to_owned(), "text-embedding-3-large".to_owned()]);
+        if embedding_models.iter().any(String::is_empty) {
+            return Err(SettingsError::new(
+                "ALLOWED_EMBEDDING_MODELS",
+                "holds an empty model name",
+            ));
+        }
+        // Client-side tools only by default: hosted tools act on state the upstream keeps
+        // under the product's one key, and their fees are outside any price.
+        let allowed_tools: Vec<String> = self
+            .json("ALLOWED_TOOLS", "a JSON list of tool types")?
+            .unwrap_or_else(|| vec!["function".to_owned(), "custom".to_owned()]);
         Ok(Policy {
             allowed_models,
             max_tokens,
             default_tokens_field,
             temperature_min,
             temperature_max,
+            embedding_models,
+            allowed_tools,
         })
     }
 

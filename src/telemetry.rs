@@ -123,6 +123,8 @@ pub struct RequestLog {
     pub upstream_latency: Option<std::time::Duration>,
     /// Why the upstream gave no usable response, or cut it (`upstream_aborted`).
     pub upstream_error_cause: Option<upstream::Cause>,
+    /// On responses routes: the stored response created or named.
+    pub response_id: Option<Box<str>>,
 }
 
 /// The request's log line, begun when the request arrives ([`LogLine::begin`]) and
@@ -223,6 +225,7 @@ impl LogLine {
             upstream_error_cause: cause,
             upstream_status: self.log.upstream_status,
             upstream_request_id: self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok()),
+            response_id: self.log.response_id.as_deref(),
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             trace: self.trace.as_ref().and_then(|v| v.to_str().ok()),
         };
@@ -249,6 +252,7 @@ struct RequestFields<'a> {
     upstream_error_cause: Option<&'static str>,
     upstream_status: Option<u16>,
     upstream_request_id: Option<&'a str>,
+    response_id: Option<&'a str>,
     /// Client-controlled text, like `trace`: only ever the value of its own field (escaped
     /// by the formatter); neither can hold a credential. In JSON it fills `httpRequest`.
     user_agent: Option<&'a str>,
@@ -273,6 +277,7 @@ impl RequestFields<'_> {
             upstream_error_cause = self.upstream_error_cause,
             upstream_status = self.upstream_status,
             upstream_request_id = self.upstream_request_id,
+            response_id = self.response_id,
             user_agent = self.user_agent,
             trace = self.trace,
             "{}",

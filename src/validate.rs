@@ -1,5 +1,6 @@
-//! `POST /v1/chat/completions` bodies: parsed once, checked against the [`Policy`], and
-//! turned into the exact bytes to forward.
+//! Request bodies (`POST /v1/chat/completions` here; [`responses`], [`embeddings`]):
+//! parsed once, checked against the [`Policy`] (tools and shared objects: [`policy`]),
+//! and turned into the exact bytes to forward.
 //!
 //! The body is read as a list of top-level members whose values stay raw JSON text, so
 //! nothing the proxy does not check is ever decoded or re-encoded: unchanged bodies are
@@ -15,6 +16,13 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::settings::Policy;
+
+mod embeddings;
+mod policy;
+mod responses;
+
+pub use self::embeddings::embeddings;
+pub use self::responses::{ResponsesRequest, responses};
 
 /// A validated request, ready to forward.
 #[derive(Debug)]
@@ -53,10 +61,33 @@ pub enum ValidationError {
     /// `temperature_out_of_range`.
     #[error("temperature out of range")]
     TemperatureOutOfRange,
+    /// `invalid_value`: a field whose value breaks a rule (param, message).
+    #[error("invalid value of {0}")]
+    InvalidValue(&'static str, &'static str),
+    /// `tool_not_allowed`: a `tools` entry whose `type` is not in `ALLOWED_TOOLS`.
+    #[error("tool not allowed")]
+    ToolNotAllowed,
+    /// `unsupported_parameter`: a reference to state the upstream keeps under the
+    /// product's shared key (`file_id`, `conversation`, ...), named as `param`.
+    #[error("unsupported parameter {0}")]
+    Unsupported(&'static str),
 }
 
 const MAX_TOKENS: &str = "max_tokens";
 const MAX_COMPLETION_TOKENS: &str = "max_completion_tokens";
+
+/// `model`: a string (escapes decoded) that `allowed` accepts.
+fn check_model(model: Option<&str>, allowed: impl Fn(&str) -> bool) -> Result<(), ValidationError> {
+    let model = model.ok_or(ValidationError::Missing("model"))?;
+    let Ok(MaybeBorrowed(model)) = serde_json::from_str::<MaybeBorrowed<'_>>(model) else {
+        return Err(ValidationError::InvalidType("model"));
+    };
+    if allowed(&model) {
+        Ok(())
+    } else {
+        Err(ValidationError::ModelNotAllowed)
+    }
+}
 
 /// Checks a chat completion body and returns what to forward.
 pub fn chat(body: &Bytes, policy: &Policy) -> Result<ChatRequest, ValidationError> {
@@ -77,13 +108,7 @@ pub fn chat(body: &Bytes, policy: &Policy) -> Result<ChatRequest, ValidationErro
         }
     }
 
-    let model = model.ok_or(ValidationError::Missing("model"))?;
-    let Ok(MaybeBorrowed(model)) = serde_json::from_str::<MaybeBorrowed<'_>>(model) else {
-        return Err(ValidationError::InvalidType("model"));
-    };
-    if !policy.allows_model(&model) {
-        return Err(ValidationError::ModelNotAllowed);
-    }
+    check_model(model, |m| policy.allows_model(m))?;
     let messages = messages.ok_or(ValidationError::Missing("messages"))?;
     let Some(inside) = messages.strip_prefix('[') else {
         return Err(ValidationError::InvalidType("messages"));
@@ -100,6 +125,7 @@ pub fn chat(body: &Bytes, policy: &Policy) -> Result<ChatRequest, ValidationErro
     if let Some(raw) = temperature {
         check_temperature(raw, policy)?;
     }
+    policy::check(&members, body, policy, policy::Api::Chat)?;
 
     if max_tokens.is_some() || max_completion_tokens.is_some() {
         // Nothing to change: forward the bytes the client sent.
@@ -109,18 +135,31 @@ pub fn chat(body: &Bytes, policy: &Policy) -> Result<ChatRequest, ValidationErro
         });
     }
     Ok(ChatRequest {
-        body: with_default_limit(&members, body.len(), policy),
+        body: with_limit(
+            &members,
+            body.len(),
+            &[MAX_TOKENS, MAX_COMPLETION_TOKENS],
+            policy.default_tokens_field.as_str(),
+            policy,
+        ),
         stream,
     })
 }
 
-/// The body without `null` token limits and with `DEFAULT_TOKENS_FIELD: MAX_TOKENS`.
-fn with_default_limit(members: &[(Cow<'_, str>, &RawValue)], size: usize, policy: &Policy) -> Bytes {
+/// The body without the `null` members named in `dropped` and with `field: MAX_TOKENS`
+/// added last.
+fn with_limit(
+    members: &[(Cow<'_, str>, &RawValue)],
+    size: usize,
+    dropped: &[&str],
+    field: &str,
+    policy: &Policy,
+) -> Bytes {
     let mut out = BytesMut::with_capacity(size + 40);
     out.put_u8(b'{');
     let mut first = true;
     for (key, value) in members {
-        if (key == MAX_TOKENS || key == MAX_COMPLETION_TOKENS) && value.get() == "null" {
+        if dropped.contains(&key.as_ref()) && value.get() == "null" {
             continue;
         }
         if !first {
@@ -133,13 +172,13 @@ fn with_default_limit(members: &[(Cow<'_, str>, &RawValue)], size: usize, policy
     if !first {
         out.put_u8(b',');
     }
-    write_key(&mut out, policy.default_tokens_field.as_str());
+    write_key(&mut out, field);
     out.put_slice(policy.max_tokens.get().to_string().as_bytes());
     out.put_u8(b'}');
     out.freeze()
 }
 
-fn write_key(out: &mut BytesMut, key: &str) {
+pub(crate) fn write_key(out: &mut BytesMut, key: &str) {
     // serde_json escapes exactly as JSON requires; writing into BytesMut cannot fail.
     let _ = serde_json::to_writer(out.writer(), key);
     out.put_u8(b':');
@@ -147,6 +186,11 @@ fn write_key(out: &mut BytesMut, key: &str) {
 
 /// A token limit must be a JSON integer (no fraction, no exponent) in 1..=`MAX_TOKENS`.
 fn check_token_limit(name: &'static str, raw: &str, policy: &Policy) -> Result<(), ValidationError> {
+    check_token_range(name, raw, 1, policy)
+}
+
+/// A token limit must be a JSON integer (no fraction, no exponent) in `min..=MAX_TOKENS`.
+fn check_token_range(name: &'static str, raw: &str, min: u32, policy: &Policy) -> Result<(), ValidationError> {
     let digits = raw.strip_prefix('-').unwrap_or(raw);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ValidationError::InvalidType(name));
@@ -156,12 +200,13 @@ fn check_token_limit(name: &'static str, raw: &str, policy: &Policy) -> Result<(
     }
     // Longer than any u32 means larger than any `MAX_TOKENS`.
     match raw.parse::<u32>() {
+        Ok(n) if n < min => Err(ValidationError::TooSmall(name)),
         Ok(n) if n <= policy.max_tokens.get() => Ok(()),
         _ => Err(ValidationError::TooLarge(name)),
     }
 }
 
-fn check_temperature(raw: &str, policy: &Policy) -> Result<(), ValidationError> {
+pub(crate) fn check_temperature(raw: &str, policy: &Policy) -> Result<(), ValidationError> {
     if raw == "null" {
         return Ok(());
     }
@@ -179,7 +224,7 @@ fn check_temperature(raw: &str, policy: &Policy) -> Result<(), ValidationError> 
 
 /// The top-level members of a JSON object, in order, values left as raw text. Refuses a
 /// key that appears twice (`serde_json`'s own maps would silently keep the last one).
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+pub(crate) struct Members<'a>(pub(crate) Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de> serde::Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -221,7 +266,7 @@ impl<'de> Visitor<'de> for MembersVisitor {
 }
 
 /// A string borrowed from the input when it has no escapes, owned otherwise.
-struct MaybeBorrowed<'a>(Cow<'a, str>);
+pub(crate) struct MaybeBorrowed<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de> serde::Deserialize<'de> for MaybeBorrowed<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -242,21 +287,27 @@ impl<'de> serde::Deserialize<'de> for MaybeBorrowed<'de> {
     }
 }
 
+/// The default policy, for the validation tests.
+#[cfg(test)]
+pub(crate) fn test_policy() -> Policy {
+    Policy {
+        allowed_models: vec!["gpt-4o".into(), "gpt-4o-mini".into()],
+        max_tokens: std::num::NonZeroU32::new(2048).expect("non-zero"),
+        default_tokens_field: crate::settings::TokensField::MaxTokens,
+        temperature_min: 0.0,
+        temperature_max: 2.0,
+        embedding_models: vec!["text-embedding-3-small".into()],
+        allowed_tools: vec!["function".into(), "custom".into()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::num::NonZeroU32;
-
     use super::*;
     use crate::settings::TokensField;
 
     fn policy() -> Policy {
-        Policy {
-            allowed_models: vec!["gpt-4o".into(), "gpt-4o-mini".into()],
-            max_tokens: NonZeroU32::new(2048).expect("non-zero"),
-            default_tokens_field: TokensField::MaxTokens,
-            temperature_min: 0.0,
-            temperature_max: 2.0,
-        }
+        super::test_policy()
     }
 
     fn check(body: &str) -> Result<ChatRequest, ValidationError> {

@@ -101,7 +101,17 @@ async fn models_list_is_openai_shaped_and_needs_credentials() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "ft:gpt-4o:acme"]);
+    // Chat models, then embedding models (`ALLOWED_EMBEDDING_MODELS`' default).
+    assert_eq!(
+        ids,
+        [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "ft:gpt-4o:acme",
+            "text-embedding-3-small",
+            "text-embedding-3-large"
+        ]
+    );
     for model in body["data"].as_array().unwrap() {
         assert_eq!(model["object"], "model");
         assert!(model["created"].is_i64());

@@ -86,15 +86,15 @@ pub(super) fn product_policies(
 ) -> HashMap<Arc<str>, Policy> {
     upstreams
         .iter()
-        .filter_map(|(product, upstream)| {
-            let models = upstream.models.clone()?;
-            Some((
-                Arc::clone(product),
-                Policy {
-                    allowed_models: models,
-                    ..policy.clone()
-                },
-            ))
+        .filter(|(_, upstream)| upstream.models.is_some() || upstream.embedding_models.is_some())
+        .map(|(product, upstream)| {
+            let policy = Policy {
+                allowed_models: upstream.models.clone().unwrap_or_else(|| policy.allowed_models.clone()),
+                embedding_models: (upstream.embedding_models.clone())
+                    .unwrap_or_else(|| policy.embedding_models.clone()),
+                ..policy.clone()
+            };
+            (Arc::clone(product), policy)
         })
         .collect()
 }

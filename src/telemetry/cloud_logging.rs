@@ -135,6 +135,9 @@ impl RequestLines {
         if let Some(id) = fields.upstream_request_id {
             str_member(out, "upstream_request_id", id)?;
         }
+        if let Some(id) = fields.response_id {
+            str_member(out, "response_id", id)?;
+        }
 
         // The user agent and the trace header are client-controlled text: only ever the
         // value of their own member, and the trace only as the ids parsed from it.
@@ -461,6 +464,7 @@ mod tests {
             upstream_error_cause: None,
             upstream_status: None,
             upstream_request_id: None,
+            response_id: None,
             user_agent: Some("curl/8"),
             trace: Some("105445aa7843bc8bf206b12000100000"),
         };
@@ -477,6 +481,7 @@ mod tests {
                 upstream_error_cause: None,
                 upstream_status: Some(200),
                 upstream_request_id: Some("upstream-req-42"),
+                response_id: None,
                 user_agent: Some("ua \"q\" \\ \u{1}\t日本"),
                 trace: Some("105445aa7843bc8bf206b12000100000/1;o=1"),
             },
@@ -512,6 +517,7 @@ mod tests {
                 user: Some("u\nv"),
                 upstream_status: Some(503),
                 upstream_request_id: Some("x\"y"),
+                response_id: None,
                 user_agent: Some(""),
                 trace: Some("not-a-trace"),
                 ..health

@@ -251,9 +251,26 @@ impl MockUpstream {
         (Self::start(router).await, rx)
     }
 
-    /// An upstream that answers like OpenAI: JSON, or SSE when the body asks to stream.
+    /// An upstream that answers like OpenAI: JSON, or SSE when the body asks to stream;
+    /// chat completions, responses (new ids from a counter, stored ones answered whatever
+    /// their id), and embeddings.
     pub async fn openai() -> Self {
-        Self::start(Router::new().route("/v1/chat/completions", axum::routing::post(openai_handler))).await
+        use axum::routing::{get, post};
+        let counter: Arc<AtomicUsize> = Arc::default();
+        let router = Router::new()
+            .route("/v1/chat/completions", post(openai_handler))
+            .route(
+                "/v1/responses",
+                post(move |body: Bytes| std::future::ready(responses_handler(&counter, &body))),
+            )
+            .route(
+                "/v1/responses/{id}",
+                get(stored_response_handler).delete(deleted_response_handler),
+            )
+            .route("/v1/responses/{id}/input_items", get(input_items_handler))
+            .route("/v1/responses/{id}/cancel", post(stored_response_handler))
+            .route("/v1/embeddings", post(embeddings_handler));
+        Self::start(router).await
     }
 
     pub fn url(&self) -> String {
@@ -313,6 +330,71 @@ async fn openai_handler(body: Bytes) -> Response {
     h.insert("set-cookie", HeaderValue::from_static("upstream=1"));
     h.insert("server", HeaderValue::from_static("mock-upstream"));
     response
+}
+
+/// A created response as the mock upstream answers it.
+pub fn response_json(id: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","object":"response","created_at":1,"status":"completed","model":"gpt-4o","output":[{{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"Hello!","annotations":[]}}]}}],"usage":{{"input_tokens":3,"output_tokens":2,"total_tokens":5,"input_tokens_details":{{"cached_tokens":0}},"output_tokens_details":{{"reasoning_tokens":0}}}}}}"#
+    )
+}
+
+fn json_response(body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+fn responses_handler(counter: &AtomicUsize, body: &Bytes) -> Response {
+    let stream = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["stream"].as_bool())
+        == Some(true);
+    let id = format!("resp_mock{}", counter.fetch_add(1, Ordering::SeqCst));
+    if !stream {
+        return json_response(response_json(&id));
+    }
+    let created = format!(
+        r#"{{"type":"response.created","sequence_number":0,"response":{{"id":"{id}","object":"response","created_at":1,"status":"in_progress","model":"gpt-4o","output":[]}}}}"#
+    );
+    let events = [
+        ("response.created", created),
+        (
+            "response.output_text.delta",
+            r#"{"type":"response.output_text.delta","sequence_number":1,"item_id":"msg_1","output_index":0,"content_index":0,"delta":"Hello!"}"#.to_owned(),
+        ),
+        (
+            "response.completed",
+            format!(r#"{{"type":"response.completed","sequence_number":2,"response":{}}}"#, response_json(&id)),
+        ),
+    ];
+    let mut body = String::new();
+    for (name, data) in events {
+        let _ = std::fmt::Write::write_fmt(&mut body, format_args!("event: {name}\ndata: {data}\n\n"));
+    }
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    r
+}
+
+async fn stored_response_handler(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    json_response(response_json(&id))
+}
+
+async fn deleted_response_handler(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    json_response(format!(r#"{{"id":"{id}","object":"response","deleted":true}}"#))
+}
+
+async fn input_items_handler() -> Response {
+    json_response(r#"{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}"#.to_owned())
+}
+
+async fn embeddings_handler() -> Response {
+    json_response(
+        r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2,0.3]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":2,"total_tokens":2}}"#.to_owned(),
+    )
 }
 
 /// An RS256 token with `kid` for (product, user), valid for five minutes.

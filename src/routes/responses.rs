@@ -1,0 +1,150 @@
+//! `POST /v1/responses` and the stored-response routes (`GET`/`DELETE
+//! /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`), each reachable only by
+//! the response's owner ([`crate::ownership`]).
+
+use http::request::Parts;
+use http::{Method, Request};
+use hyper::body::Incoming;
+
+use crate::app::{App, RESPONSES_PREFIX};
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::ownership::Owner;
+use crate::request::{self, Outcome};
+use crate::telemetry::RequestId;
+use crate::upstream::Call;
+use crate::validate;
+
+/// Body (413, 408) -> authentication (401, 403) -> validation (400) -> ownership of
+/// `previous_response_id` (404, 503) -> limits (429) -> [budget] -> upstream; the created
+/// response's id is recorded for its owner before the client sees it.
+pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
+    let (parts, identity, body) = match authenticate(app, request).await {
+        Ok(authenticated) => authenticated,
+        Err(refused) => return refused,
+    };
+    let owner = Owner::of(&identity);
+    let result = async {
+        let checked = validate::responses(&body, app.settings.policy_for(&identity.product))?;
+        if let Some(previous) = &checked.previous_response_id {
+            app.ownership.check(&owner, previous).await?;
+        }
+        let grant = app.limiter.admit(&identity).await?;
+        // Budget seam: reserve here (contract "Budgets"), settle when the body ends.
+        let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
+        let call = Call {
+            method: Method::POST,
+            path: request::upstream_path(&parts.uri),
+            body: Some(checked.body),
+            request_id: &id.0,
+            client_headers: &parts.headers,
+        };
+        let mut outcome = match upstream.forward(call).await {
+            Err(failure) => failure.into(),
+            Ok(forwarded) if (200..300).contains(&forwarded.status) => {
+                let mut outcome = Outcome::from(forwarded);
+                let response = std::mem::take(&mut outcome.response);
+                let (response, created) = app.ownership.record_created(&owner, response).await;
+                outcome.response = response;
+                outcome.log.response_id = created.map(String::into_boxed_str);
+                outcome
+            }
+            Ok(forwarded) => Outcome::from(forwarded),
+        };
+        grant.headers.write(outcome.response.headers_mut());
+        Ok(outcome)
+    };
+    Outcome::of(&identity, result.await)
+}
+
+/// What a stored-response route does upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Get,
+    Delete,
+    InputItems,
+    Cancel,
+}
+
+/// Body -> authentication -> ownership (404 for anyone but the owner, without a request
+/// upstream; 503 while it cannot be told) -> limits -> [budget] -> upstream. A `2xx`
+/// answer to `DELETE` removes the record.
+pub async fn stored(app: &App, request: Request<Incoming>, id: &RequestId, action: Stored) -> Outcome {
+    let (parts, identity, _body) = match authenticate(app, request).await {
+        Ok(authenticated) => authenticated,
+        Err(refused) => return refused,
+    };
+    let owner = Owner::of(&identity);
+    let response_id = response_id(parts.uri.path());
+    let result = async {
+        // Ids are what the upstream hands out: anything else names no owned response, and
+        // never reaches the upstream's path decoding.
+        let response_id = response_id.ok_or(ApiError::ResponseNotFound)?;
+        app.ownership.check(&owner, response_id).await?;
+        let grant = app.limiter.admit(&identity).await?;
+        // Budget seam: these calls cost no tokens; nothing to reserve.
+        let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
+        let method = match action {
+            Stored::Get | Stored::InputItems => Method::GET,
+            Stored::Delete => Method::DELETE,
+            Stored::Cancel => Method::POST,
+        };
+        let call = Call {
+            method,
+            path: request::upstream_path(&parts.uri),
+            // The client's body (signed, if HMAC) is not checked, so it is not forwarded.
+            body: None,
+            request_id: &id.0,
+            client_headers: &parts.headers,
+        };
+        let mut outcome = match upstream.forward(call).await {
+            Err(failure) => failure.into(),
+            Ok(forwarded) => {
+                if action == Stored::Delete && (200..300).contains(&forwarded.status) {
+                    app.ownership.remove(&owner, response_id).await;
+                }
+                Outcome::from(forwarded)
+            }
+        };
+        grant.headers.write(outcome.response.headers_mut());
+        Ok(outcome)
+    };
+    let mut outcome = Outcome::of(&identity, result.await);
+    outcome.log.response_id = response_id.map(Box::from);
+    outcome
+}
+
+/// The id in `/v1/responses/{id}[/...]` when it is made of `[A-Za-z0-9_-]`, as the
+/// upstream's ids are.
+fn response_id(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix(RESPONSES_PREFIX)?;
+    let id = rest.split('/').next()?;
+    let valid =
+        !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    valid.then_some(id)
+}
+
+async fn authenticate(app: &App, request: Request<Incoming>) -> Result<(Parts, Identity, bytes::Bytes), Outcome> {
+    let (parts, body) = request.into_parts();
+    let settings = &app.settings;
+    let body = request::read_body(body, &parts.headers, settings.max_body_bytes, settings.client_timeout).await?;
+    let identity = app
+        .auth
+        .verify(&parts.method, parts.uri.path(), &parts.headers, &body)
+        .await
+        .map_err(|error| Outcome::from(ApiError::from(error)))?;
+    Ok((parts, identity, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_ids_are_plain_segments() {
+        assert_eq!(response_id("/v1/responses/resp_1"), Some("resp_1"));
+        assert_eq!(response_id("/v1/responses/resp-1/input_items"), Some("resp-1"));
+        assert_eq!(response_id("/v1/responses/resp%5F1"), None);
+        assert_eq!(response_id("/v1/responses/a.b"), None);
+    }
+}
