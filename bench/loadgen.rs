@@ -8,6 +8,9 @@
 //! - `run`: a closed loop over N persistent HTTP/1.1 connections for a fixed time (after a
 //!   warm-up), with a latency histogram, the measured process's CPU time per request
 //!   (from `/proc`) and its memory; one JSON line on stdout.
+//! - `streams`: N concurrent long streams (one per connection, started evenly over a ramp,
+//!   each followed by the next on its connection), timing the first chunk and the gaps,
+//!   and the measured processes' CPU per forwarded chunk and memory; one JSON line.
 //! - `coldstart`: process start to the first `200` from `/healthz`.
 //!
 //! It is a Cargo example so that it shares the crate's dependencies and build; it never
@@ -69,6 +72,8 @@ enum Command {
     Mint(MintArgs),
     /// Put load on a URL and print one JSON line of figures.
     Run(RunArgs),
+    /// Hold N concurrent streams on a URL and print one JSON line of figures.
+    Streams(StreamsArgs),
     /// Time a command from process start to the first 200 from `/healthz`.
     Coldstart(ColdArgs),
     /// Wait until 127.0.0.1:<port>/healthz answers 200 (at most 10 s).
@@ -165,6 +170,37 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct StreamsArgs {
+    /// `http://127.0.0.1:<port>/v1/chat/completions`.
+    #[arg(long)]
+    url: String,
+    /// `plain` (direct, nginx) or `jwt`.
+    #[arg(long, value_enum, default_value = "plain")]
+    mode: Mode,
+    /// Token file (`mint`), for `jwt`.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Concurrent streams, each on its own persistent connection.
+    #[arg(long)]
+    streams: usize,
+    /// Seconds over which the connections start their first stream, evenly: set it to a
+    /// stream's length so that streams start at a steady pace, not in waves.
+    #[arg(long, default_value_t = 5.0)]
+    ramp: f64,
+    /// Unmeasured seconds before the window (at least the ramp).
+    #[arg(long, default_value_t = 6.0)]
+    warmup: f64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Processes whose CPU time and memory are reported.
+    #[arg(long)]
+    pid: Vec<u32>,
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Args)]
 struct ColdArgs {
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -179,6 +215,7 @@ fn main() -> std::process::ExitCode {
         Command::Mock(args) => runtime().and_then(|rt| rt.block_on(mock(args))),
         Command::Mint(args) => mint(&args),
         Command::Run(args) => runtime().and_then(|rt| rt.block_on(run(args))),
+        Command::Streams(args) => runtime().and_then(|rt| rt.block_on(streams(args))),
         Command::Coldstart(args) => coldstart(&args),
         Command::Wait { port } => wait(port),
     };
@@ -720,6 +757,174 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(ticks * 10_000_000)
+}
+
+// ---------------------------------------------------------------------------------------
+// streams
+
+/// One connection's samples (nanoseconds), merged into histograms at the end: a histogram
+/// per connection would cost thousands of connections hundreds of KiB each.
+#[derive(Default)]
+struct StreamTally {
+    first_chunk: Vec<u64>,
+    gaps: Vec<u64>,
+    /// Streams sent in the window and read to their end in it.
+    completed: u64,
+    /// Data frames received in the window.
+    chunks: u64,
+    /// Over the whole run, ramp included: answers other than 200, broken connections.
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl StreamTally {
+    fn error(&mut self, error: impl std::fmt::Display) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(error.to_string());
+        }
+    }
+}
+
+async fn streams(args: StreamsArgs) -> Result<(), Error> {
+    let uri: http::Uri = args.url.parse()?;
+    let authority = uri.authority().ok_or("the URL needs host:port")?.clone();
+    let addr: SocketAddr = authority.as_str().parse()?;
+    let tokens = match args.mode {
+        Mode::Jwt => read_tokens(args.tokens.as_deref().ok_or("--mode jwt needs --tokens")?)?,
+        Mode::Plain => Vec::new(),
+        Mode::JwtNew | Mode::Hmac => return Err("streams takes --mode plain or jwt".into()),
+    };
+    let plan = Arc::new(Plan {
+        authority: HeaderValue::from_str(authority.as_str())?,
+        path: uri.path().to_owned(),
+        body: Bytes::from_static(CHAT_STREAM.as_bytes()),
+        mode: args.mode,
+        tokens,
+        next_token: AtomicUsize::new(0),
+        hmac: None,
+        stream: true,
+        recording: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+    });
+
+    let start = tokio::time::Instant::now();
+    let ramp = Duration::from_secs_f64(args.ramp);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.streams {
+        let at = start + ramp.mul_f64(i as f64 / args.streams.max(1) as f64);
+        tasks.spawn(stream_loop(addr, Arc::clone(&plan), at));
+    }
+    tokio::time::sleep_until(start + Duration::from_secs_f64(args.warmup.max(args.ramp))).await;
+    let before = Usage::read(&args.pid);
+    let window = Instant::now();
+    plan.recording.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    plan.recording.store(false, Ordering::SeqCst);
+    let seconds = window.elapsed().as_secs_f64();
+    let after = Usage::read(&args.pid);
+    plan.stop.store(true, Ordering::SeqCst);
+
+    let histogram = || Histogram::<u64>::new_with_bounds(1_000, 120_000_000_000, 3);
+    let (mut first_chunk, mut gaps) = (histogram()?, histogram()?);
+    let mut total = StreamTally::default();
+    while let Some(joined) = tasks.join_next().await {
+        let tally = joined?;
+        for &ns in &tally.first_chunk {
+            first_chunk.record(ns)?;
+        }
+        for &ns in &tally.gaps {
+            gaps.record(ns)?;
+        }
+        total.completed += tally.completed;
+        total.chunks += tally.chunks;
+        total.errors += tally.errors;
+        if total.first_error.is_none() {
+            total.first_error = tally.first_error;
+        }
+    }
+    let cpu_ns = match (before.cpu_ns, after.cpu_ns) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
+    let us = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
+    let line = json!({
+        "label": args.label,
+        "streams": args.streams,
+        "seconds": seconds,
+        "completed": total.completed,
+        "chunks": total.chunks,
+        "errors": total.errors,
+        "first_error": total.first_error,
+        "first_chunk_p50_us": us(&first_chunk, 0.5),
+        "first_chunk_p99_us": us(&first_chunk, 0.99),
+        "gap_p50_us": us(&gaps, 0.5),
+        "gap_p99_us": us(&gaps, 0.99),
+        "cpu_us_per_chunk": cpu_ns.filter(|_| total.chunks > 0).map(|ns| ns as f64 / 1000.0 / total.chunks as f64),
+        "cpu_utilisation": cpu_ns.map(|ns| ns as f64 / 1e9 / seconds),
+        "rss_kib": after.rss_kib,
+        "peak_rss_kib": after.hwm_kib,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// One connection from `at` on: stream after stream until the run stops. A connection
+/// that breaks is counted and made again (at most 100 times).
+async fn stream_loop(addr: SocketAddr, plan: Arc<Plan>, at: tokio::time::Instant) -> StreamTally {
+    let mut tally = StreamTally::default();
+    tokio::time::sleep_until(at).await;
+    for _ in 0..100 {
+        if plan.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        match streams_on_connection(addr, &plan, &mut tally).await {
+            Ok(()) => break,
+            Err(error) => tally.error(error),
+        }
+    }
+    tally
+}
+
+async fn streams_on_connection(addr: SocketAddr, plan: &Plan, tally: &mut StreamTally) -> Result<(), Error> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    while !plan.stop.load(Ordering::Relaxed) {
+        let request = build_request(plan)?.ok_or("no request to send")?;
+        sender.ready().await?;
+        let sent = Instant::now();
+        let recording = plan.recording.load(Ordering::Relaxed);
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::OK {
+            tally.error(response.status());
+        }
+        let mut body = response.into_body();
+        let mut last = None;
+        while let Some(frame) = body.frame().await {
+            if frame?.is_data() {
+                let now = Instant::now();
+                if plan.recording.load(Ordering::Relaxed) {
+                    tally.chunks += 1;
+                    match last {
+                        None if recording => tally.first_chunk.push(nanos(now - sent)),
+                        Some(previous) => tally.gaps.push(nanos(now - previous)),
+                        None => {}
+                    }
+                }
+                last = Some(now);
+            }
+            // A stream lasts seconds: the run does not wait for the ones in flight.
+            if plan.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+        if recording && plan.recording.load(Ordering::Relaxed) {
+            tally.completed += 1;
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

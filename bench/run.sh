@@ -2,12 +2,15 @@
 # The benchmark: builds the release binary and the load generator, starts a mock upstream,
 # and measures side by side, in one run, with one load generator and the same CPU pinning:
 # direct to the mock, nginx `proxy_pass` adding the key, and the proxy with JWT (cached
-# tokens and all-new tokens), JWT with Redis limits, and HMAC. Writes docs/benchmarks.md
-# (the figures between its markers) and docs/benchmarks.svg.
+# tokens and all-new tokens), JWT with Redis limits, and HMAC; then streams at scale: 1,000,
+# 4,000 and 10,000 concurrent long streams through nginx and through the proxy. Writes
+# docs/benchmarks.md (the figures between its markers) and docs/benchmarks.svg.
 #
 #   bench/run.sh           full run (installs nginx and redis-server on Debian if missing)
 #   bench/run.sh --smoke   a few seconds, debug binaries, no nginx, output to a temp dir:
 #                          keeps the script working in CI; its figures mean nothing
+#
+# BENCH_STREAM_SCALES (e.g. "1000 4000") chooses the stream counts of the full run.
 #
 # Pinning: the proxy (or nginx) on CPU 0; the load generator, the mock and Redis on CPU 1.
 # Limits are set far above the load: the run prices the checks, never a refusal.
@@ -27,12 +30,17 @@ done
 if $smoke; then
   duration=0.3 warmup=0.1 c1_duration=0.2 stream_duration=0.4 cold_runs=1 new_tokens=200 rotation_tokens=50
   conns=4 sse_chunks=3 sse_interval_us=2000
+  stream_scales=20 scale_chunks=5 scale_interval_us=10000 scale_ramp=0.05 scale_warmup=0.1 scale_duration=0.3
   out=$(mktemp -d)
   md=$out/benchmarks.md svg=$out/benchmarks.svg
   cp docs/benchmarks.md "$md" 2>/dev/null || true
 else
   duration=${BENCH_DURATION:-5} warmup=1 c1_duration=3 stream_duration=4 cold_runs=10 new_tokens=${BENCH_NEW_TOKENS:-40000} rotation_tokens=1000
   conns=32 sse_chunks=20 sse_interval_us=5000
+  # A stream lasts 50 chunks 100 ms apart (5 s): starts spread over one stream's length,
+  # measured over two.
+  stream_scales=${BENCH_STREAM_SCALES:-1000 4000 10000}
+  scale_chunks=50 scale_interval_us=100000 scale_ramp=5 scale_warmup=6 scale_duration=10
   out=$(mktemp -d)
   md=docs/benchmarks.md svg=docs/benchmarks.svg
 fi
@@ -73,6 +81,12 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 export PATH=$PATH:/usr/sbin
+
+# Each open stream costs the process under test two sockets (client and upstream), the
+# generator one and the mock one: raise the soft limit on open files to the hard one
+# (allowed without root); the rows that need more are skipped, and say so.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fd_limit=$(ulimit -n)
 
 target=${CARGO_TARGET_DIR:-target}
 if $smoke; then
@@ -184,28 +198,27 @@ stop() {
   wait "$1" 2>/dev/null || true
 }
 
-# --- direct ------------------------------------------------------------------------------
-measure direct "$mock_url" "$mock_pid"
-stream direct "$mock_url" "$mock_pid"
-
-# --- nginx -------------------------------------------------------------------------------
-if $smoke; then
-  record '{"label":"nginx/skipped","reason":"smoke mode does not start nginx"}'
-elif command -v nginx >/dev/null; then
+# start_nginx <row> <upstream host:port> <connections>: one worker on CPU 0, keepalive to
+# the upstream, answers not buffered; sets nginx_pid, workers and nginx_url, and records
+# the idle RSS (master and worker).
+start_nginx() {
+  local row=$1 upstream=$2 connections=$3 port dir
   port=$(free_port)
-  mkdir -p "$out/nginx"
-  cat >"$out/nginx/nginx.conf" <<EOF
+  dir=$out/$row
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
 worker_processes 1;
+worker_rlimit_nofile $((connections + 64));
 daemon off;
-pid $out/nginx/nginx.pid;
-error_log $out/nginx/error.log warn;
-events { worker_connections 4096; }
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $connections; }
 http {
   # One access log line per request, written as it happens: the proxy logs every request too.
-  access_log $out/nginx/access.log;
-  client_body_temp_path $out/nginx/body;
-  proxy_temp_path $out/nginx/proxy;
-  upstream mock { server $(head -1 "$out/mock.addr"); keepalive 64; }
+  access_log $dir/access.log;
+  client_body_temp_path $dir/body;
+  proxy_temp_path $dir/proxy;
+  upstream mock { server $upstream; keepalive 64; }
   server {
     listen 127.0.0.1:$port;
     keepalive_requests 1000000;
@@ -220,7 +233,7 @@ http {
   }
 }
 EOF
-  "${on_proxy[@]}" nginx -p "$out/nginx" -c "$out/nginx/nginx.conf" &
+  "${on_proxy[@]}" nginx -p "$dir" -c "$dir/nginx.conf" &
   nginx_pid=$!
   pids+=("$nginx_pid")
   for _ in $(seq 100); do
@@ -230,8 +243,19 @@ EOF
   done
   sleep 0.3
   workers=$(pgrep -P "$nginx_pid" | tr '\n' ' ')
-  record "{\"label\":\"nginx/idle\",\"rss_kib\":$(( $(rss_kib "$nginx_pid") + $(rss_kib ${workers%% *}) ))}"
+  record "{\"label\":\"$row/idle\",\"rss_kib\":$(($(rss_kib "$nginx_pid") + $(rss_kib ${workers%% *})))}"
   nginx_url="http://127.0.0.1:$port/v1/chat/completions"
+}
+
+# --- direct ------------------------------------------------------------------------------
+measure direct "$mock_url" "$mock_pid"
+stream direct "$mock_url" "$mock_pid"
+
+# --- nginx -------------------------------------------------------------------------------
+if $smoke; then
+  record '{"label":"nginx/skipped","reason":"smoke mode does not start nginx"}'
+elif command -v nginx >/dev/null; then
+  start_nginx nginx "$(head -1 "$out/mock.addr")" 4096
   measure nginx "$nginx_url" "$nginx_pid $workers"
   stream nginx "$nginx_url" "$nginx_pid $workers"
   stop "$nginx_pid"
@@ -283,6 +307,50 @@ fi
 start_proxy hmac
 measure hmac "$proxy_url" "$proxy_pid" --mode hmac
 stop "$proxy_pid"
+
+# --- streams at scale --------------------------------------------------------------------
+# A mock of its own (long streams); for each count a fresh nginx and a fresh proxy, so that
+# each row's peak RSS is its own. The proxy's row is run even when nginx cannot be.
+"${on_load[@]}" "$loadgen" mock --sse-chunks "$scale_chunks" --sse-interval-us "$scale_interval_us" \
+  >"$out/scale-mock.addr" &
+scale_mock_pid=$!
+pids+=("$scale_mock_pid")
+for _ in $(seq 100); do [ -s "$out/scale-mock.addr" ] && break; sleep 0.05; done
+scale_mock=$(head -1 "$out/scale-mock.addr")
+
+# scale <row> <streams> <url> <pids> [loadgen streams options...]: one measurement.
+scale() {
+  local row=$1 n=$2 url=$3 pidlist=$4
+  shift 4
+  local pidargs=()
+  for p in $pidlist; do pidargs+=(--pid "$p"); done
+  record "$("${on_load[@]}" "$loadgen" streams --label "$row" --url "$url" "${pidargs[@]}" --streams "$n" \
+    --ramp "$scale_ramp" --warmup "$scale_warmup" --duration "$scale_duration" "$@")"
+}
+
+for n in $stream_scales; do
+  need_fds=$((2 * n + 256))
+  if [ "$fd_limit" -lt "$need_fds" ]; then
+    echo "bench: skipping $n concurrent streams: they need ulimit -n >= $need_fds, the hard limit here is" \
+      "$fd_limit (raise it: limits.conf, systemd's LimitNOFILE, docker run --ulimit nofile=...)" >&2
+    record "{\"label\":\"streams-$n-skipped\",\"streams\":$n,\"reason\":\"needs ulimit -n >= $need_fds, the hard limit is $fd_limit\"}"
+    continue
+  fi
+  say "streams at scale: $n"
+  if $smoke; then
+    record "{\"label\":\"streams-$n-nginx-skipped\",\"reason\":\"smoke mode does not start nginx\"}"
+  elif command -v nginx >/dev/null; then
+    start_nginx "streams-$n-nginx" "$scale_mock" "$need_fds"
+    scale "streams-$n-nginx" "$n" "$nginx_url" "$nginx_pid $workers"
+    stop "$nginx_pid"
+  else
+    record "{\"label\":\"streams-$n-nginx-skipped\",\"reason\":\"nginx is not installed\"}"
+  fi
+  start_proxy "streams-$n-proxy" API_KEY_SERVER_OPENAI_BASE_URL="http://$scale_mock/v1/chat/completions"
+  scale "streams-$n-proxy" "$n" "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+  stop "$proxy_pid"
+done
+stop "$scale_mock_pid"
 
 say "cold start"
 record "$("${on_load[@]}" "$loadgen" coldstart --runs "$cold_runs" -- "${on_proxy[@]}" "$bin")"

@@ -116,6 +116,15 @@ struct Options {
     grace: Duration,
 }
 
+/// hyper's HTTP/1.1 buffers per client connection, at most (its default is about 400 KiB):
+/// the read buffer, so also the largest request head (431 beyond), and the queue of
+/// response bytes waiting for the socket. A client that reads slowly keeps that queue
+/// full, and each frame in it is a slice that keeps alive the whole upstream read buffer
+/// it came from: with hyper's defaults a stalled stream held about 1 MiB, with these about
+/// 0.3 MiB (`tests/slow_readers.rs`). 128 KiB still takes any head a client needs (a JWT
+/// of 80 KiB included).
+const CLIENT_BUF_BYTES: usize = 128 * 1024;
+
 async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(stall::Executor {
         idle: options.stall_timeout,
@@ -124,7 +133,8 @@ async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown:
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.client_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_buf_size(CLIENT_BUF_BYTES);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     // Each connection's task holds a receiver: the drain signals them all, then waits

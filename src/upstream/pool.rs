@@ -46,6 +46,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// before closing it. A healthy one is ready at once or after one run of its task.
 const READY_WAIT: Duration = Duration::from_secs(1);
 
+/// The read buffer of an upstream connection, at most (hyper's default is about 400 KiB).
+/// It grows while the upstream sends faster than the client takes, and the body frames cut
+/// from it keep it alive while they wait in the client's write queue: smaller, a stream
+/// whose client reads slowly holds less (`tests/slow_readers.rs`). Answer heads are far
+/// smaller; large bodies are read 64 KiB at a time.
+const READ_BUF_BYTES: usize = 64 * 1024;
+
 type Sender = SendRequest<Full<Bytes>>;
 
 /// The bounds on a pool's connections.
@@ -291,7 +298,11 @@ impl Pool {
             .oneshot(self.destination.clone())
             .await
             .map_err(|e| Cause::of_connect(&*e))?;
-        let (sender, connection) = http1::handshake(stream).await.map_err(|e| Cause::of(&e))?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(READ_BUF_BYTES)
+            .handshake(stream)
+            .await
+            .map_err(|e| Cause::of(&e))?;
         drop(connecting);
         // The task drives the socket for every request the sender carries, and ends when
         // the socket closes or the sender is dropped. Its error, if any, also reaches the
