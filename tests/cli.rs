@@ -539,7 +539,10 @@ async fn dev_shows_a_second_product_on_an_upstream_of_its_own() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["partner-chat-mini", "text-embedding-3-small", "text-embedding-3-large"]);
+    assert_eq!(
+        ids,
+        ["partner-chat-mini", "text-embedding-3-small", "text-embedding-3-large"]
+    );
     let other = client
         .post(dev.url("/v1/chat/completions"))
         .bearer_auth(&token)

@@ -501,7 +501,12 @@ fn deploy_references(argv: &[String]) -> (Vec<(String, String)>, Vec<String>) {
     let mut settings = Vec::new();
     for arg in argv {
         let (flag, value) = arg.split_once('=').unwrap_or((arg, ""));
-        let pairs = value.split(',').filter_map(|p| p.split_once('='));
+        // gcloud's list escaping: `^D^a=1Db=2` separates the items with `D` instead of `,`.
+        let (separator, value) = match value.strip_prefix('^').and_then(|v| v.split_once('^')) {
+            Some((separator, rest)) => (separator, rest),
+            None => (",", value),
+        };
+        let pairs = value.split(separator).filter_map(|p| p.split_once('='));
         match flag {
             "--set-secrets" => {
                 for (target, reference) in pairs {
@@ -591,6 +596,34 @@ fn the_cloud_build_deploy_step_passes_per_container_flags_after_their_container(
             .iter()
             .any(|i| i.as_str().is_some_and(|i| i.ends_with(":$COMMIT_SHA")))
     );
+}
+
+#[test]
+fn the_cloud_build_deploy_step_passes_product_upstreams_whole() {
+    let created = documented_secrets();
+    let build = cloud_build();
+    let script = deploy_script(&build);
+    let upstreams =
+        r#"{"hr-bot":{"base_url":"https://r.openai.azure.com/openai/v1","auth":"api-key","models":["a","b"]}}"#;
+    for metrics in ["false", "true"] {
+        let mut overrides = VERSIONS.to_vec();
+        overrides.extend([("_METRICS", metrics), ("_PRODUCT_UPSTREAMS", upstreams)]);
+        let argv = check_deploy(&script, &substitutions(&build, &overrides), &created)
+            .unwrap_or_else(|e| panic!("_METRICS={metrics}: {e}"));
+        let env = argv
+            .iter()
+            .find_map(|a| a.strip_prefix("--set-env-vars="))
+            .expect("--set-env-vars");
+        let items: Vec<&str> = env.strip_prefix("^|^").expect("the `|` delimiter").split('|').collect();
+        assert!(
+            items.contains(&format!("API_KEY_SERVER_PRODUCT_UPSTREAMS={upstreams}").as_str()),
+            "{items:?}"
+        );
+        assert_eq!(items.contains(&"API_KEY_SERVER_METRICS_PORT=9464"), metrics == "true");
+    }
+    // Without it, the setting is not passed at all.
+    let argv = check_deploy(&script, &substitutions(&build, &VERSIONS), &created).expect("deploys");
+    assert!(!argv.join(" ").contains("PRODUCT_UPSTREAMS"));
 }
 
 #[test]
