@@ -16,7 +16,7 @@ mod held;
 pub mod scan;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::Response;
@@ -25,6 +25,7 @@ use http::header;
 use self::scan::IdScanner;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::lock::lock;
 use crate::store::{Store, id_part};
 
 /// Most ids kept in memory.
@@ -242,11 +243,6 @@ impl Ownership {
 /// `<prefix>:{<owner tag>}:resp:<id>`: another owner's key for the same id is another key.
 fn record_key(store: &Store, owner: &Owner, id: &str) -> String {
     store.key(&owner.tag(), &format!("resp:{}", id_part(id)))
-}
-
-/// A poisoned lock only means a panic elsewhere; the map stays consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! `*.googleapis.com` or on loopback, so the token goes nowhere else.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::UpstreamError;
 use super::pool::Pool;
+use crate::lock::lock;
 use crate::settings::MetadataHost;
 
 /// Longest wait for a Google token: after it, 502 `upstream_credentials_unavailable`.
@@ -156,7 +157,7 @@ impl GoogleTokens {
         let mut fetched = self.fetched.subscribe();
         {
             let now = Instant::now();
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = lock(&self.state);
             let valid = state
                 .token
                 .as_ref()
@@ -189,7 +190,7 @@ impl GoogleTokens {
     async fn refresh(self: Arc<Self>) {
         let token = tokio::time::timeout(TOKEN_WAIT, self.fetch()).await.ok().flatten();
         {
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = lock(&self.state);
             state.fetching = false;
             if let Some(token) = &token {
                 state.token = Some(token.clone());
@@ -234,7 +235,7 @@ impl GoogleTokens {
     }
 
     fn drop_token(&self, sent: &HeaderValue) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         if state.token.as_ref().is_some_and(|t| t.header == *sent) {
             state.token = None;
         }

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::cause::{Cause, Resolver};
+use crate::lock::lock;
 
 /// Idle connections kept at most; beyond, the longest idle one is closed.
 const MAX_IDLE: usize = 1024;
@@ -254,7 +255,7 @@ impl Pool {
 
     fn pop(&self) -> Option<Sender> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = lock(&self.idle);
         let newest = idle.pop_back()?;
         if now.duration_since(newest.since) <= IDLE_TIMEOUT {
             return Some(newest.sender);
@@ -273,7 +274,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = lock(&self.idle);
         let expired = idle
             .iter()
             .take_while(|oldest| now.duration_since(oldest.since) > IDLE_TIMEOUT)
@@ -320,7 +321,7 @@ impl Pool {
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+        lock(&self.idle).len()
     }
 }
 
