@@ -516,7 +516,8 @@ impl Tally {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), Error> {
+/// The address and the requests of a `run`, from its arguments.
+fn run_plan(args: &RunArgs) -> Result<(SocketAddr, Plan), Error> {
     let uri: http::Uri = args.url.parse()?;
     let authority = uri.authority().ok_or("the URL needs host:port")?.clone();
     let addr: SocketAddr = authority.as_str().parse()?;
@@ -531,8 +532,8 @@ async fn run(args: RunArgs) -> Result<(), Error> {
         return Err(format!("--url's path should end with {} for this --api", args.api.path()).into());
     }
     let body = args.api.body(args.stream)?;
-    let hmac = (args.mode == Mode::Hmac).then(|| hmac_plan(&args, body)).transpose()?;
-    let plan = Arc::new(Plan {
+    let hmac = (args.mode == Mode::Hmac).then(|| hmac_plan(args, body)).transpose()?;
+    let plan = Plan {
         authority: HeaderValue::from_str(authority.as_str())?,
         path: uri.path().to_owned(),
         body: Bytes::from_static(body.as_bytes()),
@@ -543,7 +544,13 @@ async fn run(args: RunArgs) -> Result<(), Error> {
         stream: args.stream,
         recording: AtomicBool::new(false),
         stop: AtomicBool::new(false),
-    });
+    };
+    Ok((addr, plan))
+}
+
+async fn run(args: RunArgs) -> Result<(), Error> {
+    let (addr, plan) = run_plan(&args)?;
+    let plan = Arc::new(plan);
 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.connections {
