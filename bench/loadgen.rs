@@ -2,11 +2,13 @@
 //! figures land in `docs/benchmarks.md`).
 //!
 //! - `mock`: a fast upstream on 127.0.0.1 answering a fixed chat completion, or Server-Sent
-//!   Events (N chunks at a fixed interval) when the request body says `"stream":true`.
+//!   Events (N chunks at a fixed interval) when the request body says `"stream":true`; on
+//!   `.../responses` a Responses API object (its id new each time, as the proxy records
+//!   every id for its owner), on `.../embeddings` a fixed embeddings list.
 //! - `mint`: a pool of RS256 tokens, one per line, minted before a timed run so that
 //!   signing never loads the generator while it measures.
 //! - `run`: a closed loop over N persistent HTTP/1.1 connections for a fixed time (after a
-//!   warm-up), with a latency histogram, the measured process's CPU time per request
+//!   warm-up), sending one API's fixed request (`--api`), with a latency histogram, the measured process's CPU time per request
 //!   (from `/proc`) and its memory; one JSON line on stdout.
 //! - `streams`: N concurrent long streams (one per connection, started evenly over a ramp,
 //!   each followed by the next on its connection), timing the first chunk and the gaps,
@@ -57,6 +59,18 @@ const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","c
 const CHUNK: &[u8] = b"data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
+/// The Responses API request: its own `max_output_tokens`, as the chat request.
+const RESPONSES: &str = r#"{"model":"gpt-4o-mini","input":"Say hello in one word.","max_output_tokens":16}"#;
+const EMBEDDINGS: &str = r#"{"model":"text-embedding-3-small","input":"hello"}"#;
+
+/// The mock's Responses API answer around its id (`resp_bench_<n>`).
+const RESPONSE_HEAD: &str = r#"{"id":"resp_bench_"#;
+const RESPONSE_TAIL: &str = r#"","object":"response","created_at":1700000000,"status":"completed","model":"gpt-4o-mini","output":[{"type":"message","id":"msg_bench","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Hello!","annotations":[]}]}],"usage":{"input_tokens":14,"output_tokens":2,"total_tokens":16}}"#;
+const EMBEDDING_LIST: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
+
+/// Numbers the mock's Responses answers: each id is new.
+static RESPONSE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Parser)]
 #[command(about = "Load generator and mock upstream of the api-key-server benchmark")]
 struct Cli {
@@ -66,7 +80,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a fast mock of OpenAI's chat completions (plain JSON and SSE).
+    /// Serve a fast mock of OpenAI's chat completions (plain JSON and SSE), Responses and
+    /// embeddings.
     Mock(MockArgs),
     /// Mint RS256 tokens for distinct users, one per line.
     Mint(MintArgs),
@@ -130,11 +145,46 @@ enum Mode {
     Hmac,
 }
 
+/// Which API `run` calls: the request body, and the path the URL must end with.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Api {
+    /// `POST .../chat/completions`.
+    Chat,
+    /// `POST .../responses`.
+    Responses,
+    /// `POST .../embeddings`.
+    Embeddings,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/chat/completions",
+            Self::Responses => "/responses",
+            Self::Embeddings => "/embeddings",
+        }
+    }
+
+    fn body(self, stream: bool) -> Result<&'static str, Error> {
+        match (self, stream) {
+            (Self::Chat, false) => Ok(CHAT),
+            (Self::Chat, true) => Ok(CHAT_STREAM),
+            (Self::Responses, false) => Ok(RESPONSES),
+            (Self::Embeddings, false) => Ok(EMBEDDINGS),
+            _ => Err("--stream is for --api chat only".into()),
+        }
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
-    /// `http://127.0.0.1:<port>/v1/chat/completions`.
+    /// `http://127.0.0.1:<port>/v1/chat/completions` (or `.../responses`, `.../embeddings`:
+    /// its path ends with `--api`'s).
     #[arg(long)]
     url: String,
+    /// The API called: its fixed request body.
+    #[arg(long, value_enum, default_value = "chat")]
+    api: Api,
     #[arg(long, value_enum, default_value = "plain")]
     mode: Mode,
     /// Persistent connections, each with one request in flight.
@@ -312,6 +362,11 @@ async fn mock(args: MockArgs) -> Result<(), Error> {
 }
 
 async fn mock_answer(request: Request<Incoming>, config: MockConfig) -> Result<Response<MockBody>, Infallible> {
+    let path = request.uri().path();
+    let api = [Api::Responses, Api::Embeddings]
+        .into_iter()
+        .find(|api| path.ends_with(api.path()))
+        .unwrap_or(Api::Chat);
     let body = request
         .into_body()
         .collect()
@@ -319,8 +374,17 @@ async fn mock_answer(request: Request<Incoming>, config: MockConfig) -> Result<R
         .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let needle = b"\"stream\":true";
-    let stream = body.windows(needle.len()).any(|w| w == needle);
-    let (content_type, body) = if stream {
+    let stream = api == Api::Chat && body.windows(needle.len()).any(|w| w == needle);
+    let (content_type, body) = if api == Api::Responses {
+        let n = RESPONSE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let answer = format!("{RESPONSE_HEAD}{n}{RESPONSE_TAIL}");
+        ("application/json", Either::Left(Full::new(Bytes::from(answer))))
+    } else if api == Api::Embeddings {
+        (
+            "application/json",
+            Either::Left(Full::new(Bytes::from_static(EMBEDDING_LIST.as_bytes()))),
+        )
+    } else if stream {
         let chunks = tokio_stream::Chunks {
             start: tokio::time::Instant::now(),
             interval: config.interval,
@@ -452,7 +516,8 @@ impl Tally {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), Error> {
+/// The address and the requests of a `run`, from its arguments.
+fn run_plan(args: &RunArgs) -> Result<(SocketAddr, Plan), Error> {
     let uri: http::Uri = args.url.parse()?;
     let authority = uri.authority().ok_or("the URL needs host:port")?.clone();
     let addr: SocketAddr = authority.as_str().parse()?;
@@ -463,9 +528,12 @@ async fn run(args: RunArgs) -> Result<(), Error> {
         }
         _ => Vec::new(),
     };
-    let hmac = (args.mode == Mode::Hmac).then(|| hmac_plan(&args)).transpose()?;
-    let body = if args.stream { CHAT_STREAM } else { CHAT };
-    let plan = Arc::new(Plan {
+    if !uri.path().ends_with(args.api.path()) {
+        return Err(format!("--url's path should end with {} for this --api", args.api.path()).into());
+    }
+    let body = args.api.body(args.stream)?;
+    let hmac = (args.mode == Mode::Hmac).then(|| hmac_plan(args, body)).transpose()?;
+    let plan = Plan {
         authority: HeaderValue::from_str(authority.as_str())?,
         path: uri.path().to_owned(),
         body: Bytes::from_static(body.as_bytes()),
@@ -476,7 +544,13 @@ async fn run(args: RunArgs) -> Result<(), Error> {
         stream: args.stream,
         recording: AtomicBool::new(false),
         stop: AtomicBool::new(false),
-    });
+    };
+    Ok((addr, plan))
+}
+
+async fn run(args: RunArgs) -> Result<(), Error> {
+    let (addr, plan) = run_plan(&args)?;
+    let plan = Arc::new(plan);
 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.connections {
@@ -532,6 +606,7 @@ async fn run(args: RunArgs) -> Result<(), Error> {
     let mut line = json!({
         "label": args.label,
         "mode": args.mode.to_possible_value().map(|v| v.get_name().to_owned()),
+        "api": args.api.to_possible_value().map(|v| v.get_name().to_owned()),
         "stream": args.stream,
         "connections": args.connections,
         "seconds": seconds,
@@ -570,7 +645,7 @@ fn read_tokens(path: &Path) -> Result<Vec<HeaderValue>, Error> {
     Ok(tokens)
 }
 
-fn hmac_plan(args: &RunArgs) -> Result<HmacPlan, Error> {
+fn hmac_plan(args: &RunArgs, body: &str) -> Result<HmacPlan, Error> {
     if args.hmac_secret.len() < 32 {
         return Err("HMAC mode needs BENCH_HMAC_SECRET (>= 32 bytes)".into());
     }
@@ -581,7 +656,6 @@ fn hmac_plan(args: &RunArgs) -> Result<HmacPlan, Error> {
             Ok((user, value))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let body = if args.stream { CHAT_STREAM } else { CHAT };
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     Ok(HmacPlan {
         client: HeaderValue::from_str(&args.hmac_client)?,

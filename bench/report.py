@@ -18,6 +18,8 @@ ROWS = [
     ("direct", "direct to the mock upstream"),
     ("nginx", "nginx `proxy_pass`, adds the key"),
     ("jwt-memory", "proxy: JWT (tokens in rotation, cached), in-memory limits"),
+    ("jwt-responses", "proxy: JWT, Responses API"),
+    ("jwt-embeddings", "proxy: JWT, embeddings"),
     ("jwt-new", "proxy: JWT, every token new (RSA verify each)"),
     ("jwt-redis", "proxy: JWT (cached), Redis limits"),
     ("hmac", "proxy: HMAC, fresh nonce each, in-memory limits"),

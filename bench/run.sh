@@ -2,7 +2,8 @@
 # The benchmark: builds the release binary and the load generator, starts a mock upstream,
 # and measures side by side, in one run, with one load generator and the same CPU pinning:
 # direct to the mock, nginx `proxy_pass` adding the key, and the proxy with JWT (cached
-# tokens and all-new tokens), JWT with Redis limits, and HMAC; then streams at scale: 1,000,
+# tokens and all-new tokens; chat, and beside it the Responses API and embeddings), JWT with
+# Redis limits, and HMAC; then streams at scale: 1,000,
 # 4,000 and 10,000 concurrent long streams through nginx and through the proxy. Writes
 # docs/benchmarks.md (the figures between its markers) and docs/benchmarks.svg.
 #
@@ -268,6 +269,15 @@ start_proxy jwt-memory
 measure jwt-memory "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
 stream jwt-memory "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
 stop "$proxy_pid"
+
+# The same row on the Responses API (each answer's id recorded for its owner) and on
+# embeddings: a fresh proxy each, so that each row's memory is its own.
+for api in responses embeddings; do
+  start_proxy "jwt-$api"
+  measure "jwt-$api" "${proxy_url%/chat/completions}/$api" "$proxy_pid" --api "$api" --mode jwt \
+    --tokens "$out/tokens.txt"
+  stop "$proxy_pid"
+done
 
 start_proxy jwt-new
 say "jwt-new"
