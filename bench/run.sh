@@ -92,9 +92,8 @@ fd_limit=$(ulimit -n)
 target=${CARGO_TARGET_DIR:-target}
 if $smoke; then
   bin=$target/debug/api-key-server loadgen=$target/debug/examples/loadgen
-  if [ ! -x "$bin" ] || [ ! -x "$loadgen" ]; then
-    cargo build --quiet --locked --bin api-key-server --example loadgen
-  fi
+  # A no-op after `cargo test --all-targets`; else the smoke would run stale binaries.
+  cargo build --quiet --locked --bin api-key-server --example loadgen
 else
   say "building (release)"
   # Separately: built together, the binary would get the dev-dependencies' tokio features.
@@ -161,7 +160,10 @@ run() {
   shift 3
   local pidargs=()
   for p in $pidlist; do pidargs+=(--pid "$p"); done
-  record "$("${on_load[@]}" "$loadgen" run --label "$label" --url "$url" "${pidargs[@]}" "$@")"
+  # A failed measurement fails the script (a `$(...)` inside an argument would not).
+  local out
+  out=$("${on_load[@]}" "$loadgen" run --label "$label" --url "$url" "${pidargs[@]}" "$@")
+  record "$out"
 }
 
 # measure <row> <url> <pids> <mode options...>: the fixed-concurrency run, then one at a time.
@@ -334,8 +336,10 @@ scale() {
   shift 4
   local pidargs=()
   for p in $pidlist; do pidargs+=(--pid "$p"); done
-  record "$("${on_load[@]}" "$loadgen" streams --label "$row" --url "$url" "${pidargs[@]}" --streams "$n" \
-    --ramp "$scale_ramp" --warmup "$scale_warmup" --duration "$scale_duration" "$@")"
+  local out
+  out=$("${on_load[@]}" "$loadgen" streams --label "$row" --url "$url" "${pidargs[@]}" --streams "$n" \
+    --ramp "$scale_ramp" --warmup "$scale_warmup" --duration "$scale_duration" "$@")
+  record "$out"
 }
 
 for n in $stream_scales; do
@@ -363,7 +367,8 @@ done
 stop "$scale_mock_pid"
 
 say "cold start"
-record "$("${on_load[@]}" "$loadgen" coldstart --runs "$cold_runs" -- "${on_proxy[@]}" "$bin")"
+cold=$("${on_load[@]}" "$loadgen" coldstart --runs "$cold_runs" -- "${on_proxy[@]}" "$bin")
+record "$cold"
 
 record "{\"label\":\"meta/end\",\"load_end\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}"
 python3 bench/report.py "$results" --md "$md" --svg "$svg" $($smoke && echo --smoke)
