@@ -37,12 +37,6 @@ const PROXY_BUFFERS: u64 = 1024 * 1024;
 /// buffer sizes (400 KiB each), which this bound refuses. A proxy that buffered what its
 /// clients do not take would pass it within a second: loopback moves gigabytes a second.
 const RSS_BOUND_KIB: u64 = 64 * 1024 + STREAMS as u64 * 512;
-/// What the allocator may keep once every stream was cut (freed memory it holds on to), at
-/// least; or half of what the streams took at their peak.
-const AFTER_CUT_SLACK_KIB: u64 = 48 * 1024;
-/// How much more RSS a second round of cut streams may leave than the first (allocator
-/// noise; a round's streams hold about 60 MiB at their peak).
-const ROUND_SLACK_KIB: u64 = 16 * 1024;
 /// Every wait below ends by this time, whatever the machine's load.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -288,7 +282,7 @@ async fn stalled_streams_are_cut_at_the_idle_timeout_and_their_memory_goes_back(
 
     // Two rounds: what the first round's streams took must serve the second's, not add to
     // it (the allocator keeps some freed memory, but nothing stays held).
-    let mut after_rounds = Vec::new();
+    let mut peaks = Vec::new();
     for round in 1..=2 {
         let mut clients = Vec::new();
         for _ in 0..STREAMS {
@@ -314,12 +308,10 @@ async fn stalled_streams_are_cut_at_the_idle_timeout_and_their_memory_goes_back(
         );
         assert!(most <= bound, "the upstream wrote {most} bytes into one stream");
         assert!(peak <= RSS_BOUND_KIB, "the proxy's RSS reached {peak} KiB");
-        let kept = AFTER_CUT_SLACK_KIB.max(peak.saturating_sub(idle) / 2);
-        assert!(
-            after <= idle + kept,
-            "RSS after the cut {after} KiB, idle {idle} KiB, at most {peak} KiB"
-        );
-        after_rounds.push(after);
+        // What RSS shows right after the cut is up to glibc (freed memory is kept in the
+        // arenas, more or less of it with more threads and load): the bound that holds is
+        // the next round's peak, which must reuse that memory instead of adding to it.
+        peaks.push(peak);
 
         // Each client sees its response cut: no last chunk before the connection closes.
         for mut client in clients {
@@ -331,8 +323,10 @@ async fn stalled_streams_are_cut_at_the_idle_timeout_and_their_memory_goes_back(
         }
     }
     assert!(
-        after_rounds[1] <= after_rounds[0] + ROUND_SLACK_KIB,
-        "RSS after each round: {after_rounds:?} KiB"
+        // Kept memory would add the first round's growth again (about 50 MiB); allocator
+        // noise between rounds stays well under half of it.
+        peaks[1] <= peaks[0] + peaks[0].saturating_sub(idle) / 2,
+        "peak RSS of each round: {peaks:?} KiB, idle {idle} KiB"
     );
 }
 

@@ -314,10 +314,17 @@ async fn each_product_reaches_its_own_upstream_with_its_own_credential_and_model
     };
     let listed = process.get("compat", "/v1/models").await.json().await.unwrap();
     assert_eq!(ids(listed), ["llama-3.1-8b", "bge-m3"]);
+    // The defaults: ALLOWED_MODELS, then ALLOWED_EMBEDDING_MODELS.
+    let defaults = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "text-embedding-3-small",
+        "text-embedding-3-large",
+    ];
     let listed = process.get(PRODUCT, "/v1/models").await.json().await.unwrap();
-    assert_eq!(ids(listed), ["gpt-4o", "gpt-4o-mini"]);
+    assert_eq!(ids(listed), defaults);
     let listed = process.get("azure", "/v1/models").await.json().await.unwrap();
-    assert_eq!(ids(listed), ["gpt-4o", "gpt-4o-mini"]);
+    assert_eq!(ids(listed), defaults);
     assert_eq!(process.get("compat", "/v1/models/llama-3.1-8b").await.status(), 200);
     assert_eq!(process.get("compat", "/v1/models/bge-m3").await.status(), 200);
     assert_eq!(process.get("compat", "/v1/models/gpt-4o").await.status(), 404);
