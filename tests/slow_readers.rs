@@ -280,10 +280,10 @@ async fn stalled_streams_are_cut_at_the_idle_timeout_and_their_memory_goes_back(
     let idle = rss_kib(pid);
     let bound = written_bound();
 
-    // Two rounds: what the first round's streams took must serve the second's, not add to
-    // it (the allocator keeps some freed memory, but nothing stays held).
+    // Three rounds: what the first round's streams took must serve the later ones, not add
+    // to it (the allocator keeps some freed memory, but nothing stays held).
     let mut peaks = Vec::new();
-    for round in 1..=2 {
+    for round in 1..=3 {
         let mut clients = Vec::new();
         for _ in 0..STREAMS {
             clients.push(silent_client(process.addr).await);
@@ -322,10 +322,13 @@ async fn stalled_streams_are_cut_at_the_idle_timeout_and_their_memory_goes_back(
             assert!(!received.ends_with(b"0\r\n\r\n"), "the stream ended cleanly");
         }
     }
+    // Kept memory would add the first round's growth again each round: the third round's
+    // peak would be at least idle + 3 x growth. How much freed memory glibc keeps between
+    // rounds varies with threads and load (half a round's growth has been seen), so the
+    // bound leaves a whole round's growth for it, and a leak still cannot pass it.
+    let growth = peaks[0].saturating_sub(idle);
     assert!(
-        // Kept memory would add the first round's growth again (about 50 MiB); allocator
-        // noise between rounds stays well under half of it.
-        peaks[1] <= peaks[0] + peaks[0].saturating_sub(idle) / 2,
+        peaks[1..].iter().all(|&peak| peak <= idle + 2 * growth),
         "peak RSS of each round: {peaks:?} KiB, idle {idle} KiB"
     );
 }
