@@ -17,6 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use crate::clock::Clock;
+use crate::day::DayZone;
 
 mod upstreams;
 
@@ -54,6 +55,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "DAILY_QUOTA",
     "PRODUCT_LIMITS",
     "CLIENT_LIMITS",
+    "DAY_TIMEZONE",
     "HMAC_CLOCK_TOLERANCE_SECONDS",
     "HMAC_REQUIRE_NONCE",
     "HMAC_NONCE_CAPACITY",
@@ -286,6 +288,8 @@ pub struct Settings {
     pub client_timeout: Duration,
     pub redis: Option<RedisSettings>,
     pub limits: LimitSettings,
+    /// `DAY_TIMEZONE`: whose midnight starts a new day for daily quotas and budgets.
+    pub day_zone: DayZone,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub gcp_project_id: Option<String>,
@@ -355,6 +359,9 @@ impl Settings {
         let client_timeout = env.seconds("CLIENT_TIMEOUT_SECONDS", 30.0)?;
         let redis = env.redis()?;
         let limits = env.limits(&products, &hmac)?;
+        let day_zone = env
+            .parse("DAY_TIMEZONE", |v| DayZone::new(v).map_err(|e| e.to_string()))?
+            .unwrap_or_else(DayZone::utc);
         let shutdown_grace = env
             .parse("SHUTDOWN_GRACE_SECONDS", |v| {
                 parse_seconds(v, true).ok_or_else(|| "expected a number of seconds >= 0".to_owned())
@@ -390,6 +397,7 @@ impl Settings {
             client_timeout,
             redis,
             limits,
+            day_zone,
             shutdown_grace,
             log_format,
             gcp_project_id,
