@@ -19,8 +19,10 @@ use serde::Deserialize;
 use crate::clock::Clock;
 use crate::day::DayZone;
 
+mod budgets;
 mod upstreams;
 
+pub use self::budgets::BudgetSettings;
 pub use self::upstreams::{METADATA_HOST_VARIABLE, MetadataHost, ProductUpstream, UpstreamAuth};
 
 /// Prefix of every variable this service reads (except `PORT`, which Cloud Run sets).
@@ -55,6 +57,10 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "DAILY_QUOTA",
     "PRODUCT_LIMITS",
     "CLIENT_LIMITS",
+    "MODEL_PRICES",
+    "DAILY_BUDGET_USD",
+    "BUDGET_RESERVATION_SECONDS",
+    "BUDGET_OUTAGE_SHARE",
     "DAY_TIMEZONE",
     "HMAC_CLOCK_TOLERANCE_SECONDS",
     "HMAC_REQUIRE_NONCE",
@@ -290,6 +296,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// `DAY_TIMEZONE`: whose midnight starts a new day for daily quotas and budgets.
     pub day_zone: DayZone,
+    /// `MODEL_PRICES`, the budgets and how reservations behave.
+    pub budgets: BudgetSettings,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub gcp_project_id: Option<String>,
@@ -358,10 +366,12 @@ impl Settings {
         let max_body_bytes = env.positive_int::<usize>("MAX_BODY_BYTES")?.unwrap_or(1_048_576);
         let client_timeout = env.seconds("CLIENT_TIMEOUT_SECONDS", 30.0)?;
         let redis = env.redis()?;
-        let limits = env.limits(&products, &hmac)?;
+        let (limits, budget_overrides) = env.limits(&products, &hmac)?;
         let day_zone = env
             .parse("DAY_TIMEZONE", |v| DayZone::new(v).map_err(|e| e.to_string()))?
             .unwrap_or_else(DayZone::utc);
+        let budgets = env.budgets(budget_overrides)?;
+        budgets::check_prices(&budgets, &products, &policy, &product_policies)?;
         let shutdown_grace = env
             .parse("SHUTDOWN_GRACE_SECONDS", |v| {
                 parse_seconds(v, true).ok_or_else(|| "expected a number of seconds >= 0".to_owned())
@@ -398,6 +408,7 @@ impl Settings {
             redis,
             limits,
             day_zone,
+            budgets,
             shutdown_grace,
             log_format,
             gcp_project_id,
@@ -694,7 +705,11 @@ impl Env<'_> {
         }))
     }
 
-    fn limits(&self, products: &HashSet<Arc<str>>, hmac: &HmacSettings) -> Result<LimitSettings, SettingsError> {
+    fn limits(
+        &self,
+        products: &HashSet<Arc<str>>,
+        hmac: &HmacSettings,
+    ) -> Result<(LimitSettings, budgets::Overrides), SettingsError> {
         let capacity = self
             .positive_int::<u32>("RATE_LIMIT_CAPACITY")?
             .and_then(NonZeroU32::new)
@@ -714,27 +729,33 @@ impl Env<'_> {
             daily_quota,
         };
 
-        let overrides = |name: &str, known: &dyn Fn(&str) -> bool, what: &str, source: &str| {
-            self.json::<HashMap<String, LimitsOverride>>(
-                name,
-                "a JSON object of id to {\"capacity\", \"refill_per_second\", \"daily_quota\"}",
-            )?
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, limits)| {
-                check_id(name, what, &id)?;
-                if !known(&id) {
-                    return Err(SettingsError::new(
-                        name,
-                        format!("names {what} \"{id}\", which is not in {PREFIX}{source}"),
-                    ));
-                }
-                let limits = limits
-                    .apply(default)
-                    .map_err(|reason| SettingsError::new(name, format!("{what} \"{id}\": {reason}")))?;
-                Ok((id, limits))
-            })
-            .collect::<Result<HashMap<_, _>, _>>()
+        let mut budget_overrides = budgets::Overrides::default();
+        let mut overrides = |name: &str, known: &dyn Fn(&str) -> bool, what: &str, source: &str| {
+            let expected = if what == "product" {
+                "a JSON object of id to {\"capacity\", \"refill_per_second\", \"daily_quota\", \"daily_budget_usd\", \"product_daily_budget_usd\"}"
+            } else {
+                "a JSON object of id to {\"capacity\", \"refill_per_second\", \"daily_quota\", \"daily_budget_usd\"}"
+            };
+            self.json::<HashMap<String, LimitsOverride>>(name, expected)?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, entry)| {
+                    check_id(name, what, &id)?;
+                    if !known(&id) {
+                        return Err(SettingsError::new(
+                            name,
+                            format!("names {what} \"{id}\", which is not in {PREFIX}{source}"),
+                        ));
+                    }
+                    let limits = entry
+                        .apply(default)
+                        .map_err(|reason| SettingsError::new(name, format!("{what} \"{id}\": {reason}")))?;
+                    budget_overrides
+                        .add(what, &id, &entry)
+                        .map_err(|reason| SettingsError::new(name, format!("{what} \"{id}\": {reason}")))?;
+                    Ok((id, limits))
+                })
+                .collect::<Result<HashMap<_, _>, _>>()
         };
         let products = overrides(
             "PRODUCT_LIMITS",
@@ -748,25 +769,30 @@ impl Env<'_> {
             "client",
             "CLIENT_HMAC_SECRETS",
         )?;
-        Ok(LimitSettings {
+        let limits = LimitSettings {
             default,
             products,
             clients,
-        })
+        };
+        Ok((limits, budget_overrides))
     }
 }
 
-/// One entry of `PRODUCT_LIMITS` / `CLIENT_LIMITS`: any of the three limits.
+/// One entry of `PRODUCT_LIMITS` / `CLIENT_LIMITS`: any of the three limits and the budgets.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsOverride {
     capacity: Option<u64>,
     refill_per_second: Option<f64>,
     daily_quota: Option<u64>,
+    /// Read from its decimal text, never as a float ([`budgets`]).
+    daily_budget_usd: Option<Box<serde_json::value::RawValue>>,
+    /// `PRODUCT_LIMITS` only.
+    product_daily_budget_usd: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl LimitsOverride {
-    fn apply(self, default: Limits) -> Result<Limits, String> {
+    fn apply(&self, default: Limits) -> Result<Limits, String> {
         let capacity = match self.capacity {
             None => default.capacity,
             Some(c) => u32::try_from(c)
