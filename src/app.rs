@@ -15,6 +15,7 @@ use http::Method;
 use hyper::body::Incoming;
 
 use crate::auth::Authenticator;
+use crate::budget::admission::Budgets;
 use crate::error::ApiError;
 use crate::limit::Limiter;
 use crate::metrics;
@@ -35,6 +36,7 @@ pub struct App {
     pub upstream: Upstreams,
     pub models: Models,
     pub ownership: Ownership,
+    pub budgets: Budgets,
 }
 
 impl App {
@@ -44,6 +46,12 @@ impl App {
         Self {
             auth: Authenticator::new(&settings, store.clone()),
             limiter: Limiter::with_clock(&settings.limits, store.clone(), settings.clock.clone()),
+            budgets: Budgets::new(
+                &settings.budgets,
+                settings.day_zone.clone(),
+                settings.clock.clone(),
+                store.clone(),
+            ),
             ownership: Ownership::new(store),
             upstream: Upstreams::new(&settings),
             models: Models::new(&settings),

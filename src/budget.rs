@@ -8,6 +8,7 @@
 //! control it and no background task is needed: expired reservations are charged lazily,
 //! whenever their scope is touched.
 
+pub mod admission;
 pub mod memory;
 pub mod outage;
 pub mod price;
@@ -60,6 +61,13 @@ pub struct ReservationId(String);
 impl ReservationId {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id of this request's reservation in one kind of scope: a request reserves in
+    /// up to three scopes, and the outage ledger keys its reservations by id alone.
+    #[must_use]
+    pub fn in_scope(&self, scope: &Scope) -> Self {
+        Self(format!("{}-{}", self.0, scope.kind()))
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::{BufMut, BytesMut};
 use http::{HeaderName, HeaderValue, StatusCode, header};
 
 use crate::auth::AuthError;
+use crate::budget::admission::Refusal;
 use crate::limit::LimitError;
 use crate::upstream::UpstreamError;
 use crate::validate::ValidationError;
@@ -52,6 +53,10 @@ pub enum ApiError {
     /// 429: see [`LimitError`].
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// 429 `insufficient_quota` `budget_exceeded`: a budget cannot pay for the request's
+    /// worst case today.
+    #[error("budget exceeded")]
+    BudgetExceeded(Refusal),
     /// 502: see [`UpstreamError`].
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -281,11 +286,27 @@ impl ApiError {
                     status: S::TOO_MANY_REQUESTS,
                     kind: "rate_limit_error",
                     code: "daily_quota_exceeded",
-                    message: "Daily request quota exceeded. It resets at 00:00 UTC.",
+                    message: "Daily request quota exceeded. It resets when the next day starts (see Retry-After).",
                     param: None,
                     retry: false,
                 },
             },
+            Self::BudgetExceeded(refusal) => d(
+                S::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+                match refusal.scope {
+                    "user" => {
+                        "This user's daily spend budget cannot cover this request. It resets when the next day starts (see Retry-After)."
+                    }
+                    "product" => {
+                        "This product's daily spend budget cannot cover this request. It resets when the next day starts (see Retry-After)."
+                    }
+                    _ => {
+                        "This client's daily spend budget cannot cover this request. It resets when the next day starts (see Retry-After)."
+                    }
+                },
+            ),
             Self::Upstream(e) => {
                 let (code, message, retry) = match e {
                     UpstreamError::Unreachable => {
@@ -348,6 +369,13 @@ impl IntoResponse for ApiError {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::Limit(e) => e.write_headers(headers),
+            Self::BudgetExceeded(refusal) => {
+                let seconds = refusal.retry_after.as_secs().max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                if let Some(budget) = &refusal.headers {
+                    budget.write(headers);
+                }
+            }
             _ => {}
         }
         response

@@ -30,6 +30,7 @@ pub mod day;
 pub mod error;
 pub mod limit;
 mod lock;
+pub mod meter;
 pub mod metrics;
 pub mod ownership;
 pub mod request;

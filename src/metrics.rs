@@ -66,8 +66,43 @@ struct DecisionLabels {
     backend: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    /// A configured product and a model it may call: both bounded by the settings.
+    product: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    product: String,
+    model: String,
+    /// `input` (cached included), `cached` or `output`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    /// `admitted` or `refused`.
+    outcome: &'static str,
+    /// `redis` or `memory`.
+    store: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutageLabels {
+    /// `replayed` (added to Redis once it was back) or `lost` (held by an instance that
+    /// stopped first).
+    fate: &'static str,
+}
+
 struct Metrics {
     registry: Registry,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<UsageLabels, Counter>,
+    budget_decisions: Family<BudgetLabels, Counter>,
+    budget_expired: Counter,
+    budget_outage: Family<OutageLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Histogram,
     upstream_failures: Family<FailureLabels, Counter>,
@@ -129,8 +164,51 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 while Redis is unavailable and limits and nonces are decided in memory, else 0",
         redis_fallback.clone(),
     );
+    let tokens = Family::<TokenLabels, Counter>::default();
+    registry.register(
+        "tokens",
+        "Tokens of metered responses as the upstream reported them (or as reserved, when it did not), by product, model and kind (input, cached, output)",
+        tokens.clone(),
+    );
+    let cost = Family::<UsageLabels, Counter>::default();
+    registry.register(
+        "cost_nanousd",
+        "Cost of metered responses in 1e-9 USD, by product and model (models with a price only)",
+        cost.clone(),
+    );
+    let budget_decisions = Family::<BudgetLabels, Counter>::default();
+    for outcome in ["admitted", "refused"] {
+        for store in LIMITER_BACKENDS {
+            let _ = budget_decisions.get_or_create(&BudgetLabels { outcome, store });
+        }
+    }
+    registry.register(
+        "budget_decisions",
+        "Budget admissions, by outcome (admitted, refused) and store (redis, memory)",
+        budget_decisions.clone(),
+    );
+    let budget_expired = Counter::default();
+    registry.register(
+        "budget_expired_reservations",
+        "Reservations charged in full because they were not settled within BUDGET_RESERVATION_SECONDS",
+        budget_expired.clone(),
+    );
+    let budget_outage = Family::<OutageLabels, Counter>::default();
+    for fate in ["replayed", "lost"] {
+        let _ = budget_outage.get_or_create(&OutageLabels { fate });
+    }
+    registry.register(
+        "budget_outage_spend_nanousd",
+        "Spend admitted while Redis was unavailable, in 1e-9 USD: replayed into Redis, or lost with an instance that stopped first",
+        budget_outage.clone(),
+    );
     Metrics {
         registry,
+        tokens,
+        cost,
+        budget_decisions,
+        budget_expired,
+        budget_outage,
         requests,
         upstream_latency,
         upstream_failures,
@@ -176,6 +254,47 @@ pub fn limiter_decision(outcome: &'static str, backend: &'static str) {
         .limiter_decisions
         .get_or_create(&DecisionLabels { outcome, backend })
         .inc();
+}
+
+/// Counts a metered response's tokens and, for a priced model, its cost in 1e-9 USD.
+pub fn usage(product: &str, model: &str, input: u64, cached: u64, output: u64, cost_nanos: Option<u64>) {
+    for (kind, tokens) in [("input", input), ("cached", cached), ("output", output)] {
+        let labels = TokenLabels {
+            product: product.to_owned(),
+            model: model.to_owned(),
+            kind,
+        };
+        METRICS.tokens.get_or_create(&labels).inc_by(tokens);
+    }
+    if let Some(nanos) = cost_nanos {
+        let labels = UsageLabels {
+            product: product.to_owned(),
+            model: model.to_owned(),
+        };
+        METRICS.cost.get_or_create(&labels).inc_by(nanos);
+    }
+}
+
+/// Counts one budget admission decision.
+pub fn budget_decision(admitted: bool, store: &'static str) {
+    let outcome = if admitted { "admitted" } else { "refused" };
+    METRICS
+        .budget_decisions
+        .get_or_create(&BudgetLabels { outcome, store })
+        .inc();
+}
+
+/// Counts reservations charged in full on expiry.
+pub fn budget_expired(count: u64) {
+    METRICS.budget_expired.inc_by(count);
+}
+
+/// Counts outage spend (1e-9 USD) `replayed` into Redis or `lost`.
+pub fn budget_outage_spend(fate: &'static str, nanos: u64) {
+    METRICS
+        .budget_outage
+        .get_or_create(&OutageLabels { fate })
+        .inc_by(nanos);
 }
 
 /// Counts one Redis operation that failed or timed out.

@@ -6,5 +6,6 @@
 pub mod chat;
 pub mod embeddings;
 pub mod health;
+pub mod metering;
 pub mod models;
 pub mod responses;

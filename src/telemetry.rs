@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::Level;
 use tracing_subscriber::EnvFilter;
 
+use crate::meter::{Figures, MeterLog};
 use crate::metrics;
 use crate::request::Outcome;
 use crate::settings::LogFormat;
@@ -125,6 +126,9 @@ pub struct RequestLog {
     pub upstream_error_cause: Option<upstream::Cause>,
     /// On responses routes: the stored response created or named.
     pub response_id: Option<Box<str>>,
+    /// Metered requests (chat, responses, embeddings once their model is known): the
+    /// model, usage, cost and budget figures.
+    pub meter: Option<MeterLog>,
 }
 
 /// The request's log line, begun when the request arrives ([`LogLine::begin`]) and
@@ -226,6 +230,13 @@ impl LogLine {
             upstream_status: self.log.upstream_status,
             upstream_request_id: self.log.upstream_request_id.as_ref().and_then(|v| v.to_str().ok()),
             response_id: self.log.response_id.as_deref(),
+            meter: self.log.meter.as_ref().map(|meter| MeterFields {
+                model: &meter.model,
+                figures: meter.figures(),
+                reservation: meter.reservation,
+                budget_scope: meter.budget_scope,
+                budget_store: meter.budget_store,
+            }),
             user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             trace: self.trace.as_ref().and_then(|v| v.to_str().ok()),
         };
@@ -253,6 +264,7 @@ struct RequestFields<'a> {
     upstream_status: Option<u16>,
     upstream_request_id: Option<&'a str>,
     response_id: Option<&'a str>,
+    meter: Option<MeterFields<'a>>,
     /// Client-controlled text, like `trace`: only ever the value of its own field (escaped
     /// by the formatter); neither can hold a credential. In JSON it fills `httpRequest`.
     user_agent: Option<&'a str>,
@@ -261,9 +273,20 @@ struct RequestFields<'a> {
     trace: Option<&'a str>,
 }
 
+/// A metered request's fields ([`MeterLog`] with its figures read).
+struct MeterFields<'a> {
+    model: &'a str,
+    figures: Option<Figures>,
+    reservation: Option<crate::budget::Nanos>,
+    budget_scope: Option<&'static str>,
+    budget_store: Option<&'static str>,
+}
+
 impl RequestFields<'_> {
     /// The line as a tracing event, for the text format (and any other subscriber).
     fn event(&self) {
+        let meter = self.meter.as_ref();
+        let figures = meter.and_then(|m| m.figures);
         tracing::info!(
             target: cloud_logging::REQUEST_TARGET,
             method = self.method,
@@ -278,6 +301,15 @@ impl RequestFields<'_> {
             upstream_status = self.upstream_status,
             upstream_request_id = self.upstream_request_id,
             response_id = self.response_id,
+            model = meter.map(|m| m.model),
+            input_tokens = figures.map(|f| f.input_tokens),
+            cached_tokens = figures.map(|f| f.cached_tokens),
+            output_tokens = figures.map(|f| f.output_tokens),
+            cost_usd = figures.and_then(|f| f.cost).map(tracing::field::display),
+            usage_estimated = figures.and_then(|f| f.estimated.then_some(true)),
+            reservation_usd = meter.and_then(|m| m.reservation).map(tracing::field::display),
+            budget_scope = meter.and_then(|m| m.budget_scope),
+            budget_store = meter.and_then(|m| m.budget_store),
             user_agent = self.user_agent,
             trace = self.trace,
             "{}",
@@ -335,6 +367,8 @@ impl Drop for LoggedBody {
             } else {
                 End::ClientClosed
             };
+            // The body first: a metered body leaves its figures for the line as it goes.
+            drop(std::mem::take(&mut self.inner));
             line.emit(end);
         }
     }

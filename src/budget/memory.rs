@@ -233,9 +233,11 @@ fn sweep(scope: &mut ScopeState, now: i64) -> usize {
     let mut removed = 0;
     let mut next_due: Option<i64> = None;
     let mut charged = 0u64;
+    let mut expired = 0u64;
     scope.records.retain(|_, record| match *record {
         Record::Open { amount, expires_at } if expires_at <= now => {
             charged += amount;
+            expired += 1;
             *record = Record::Charged { amount };
             true
         }
@@ -251,6 +253,9 @@ fn sweep(scope: &mut ScopeState, now: i64) -> usize {
     });
     scope.open -= charged;
     scope.spend = scope.spend.saturating_add(charged).min(Nanos::MAX.0);
+    if expired > 0 {
+        crate::metrics::budget_expired(expired);
+    }
     scope.next_due = next_due;
     removed
 }

@@ -84,7 +84,7 @@ impl RedisBudgets {
                     .await
             })
             .await?;
-        self.expired.fetch_add(expired, Ordering::Relaxed);
+        self.note_expired(expired);
         let remaining = Nanos(remaining.parse().ok()?);
         Some(if admitted == 1 {
             Decision::Admitted {
@@ -122,7 +122,7 @@ impl RedisBudgets {
                     .await
             })
             .await?;
-        self.expired.fetch_add(expired, Ordering::Relaxed);
+        self.note_expired(expired);
         Some(match outcome {
             1 => Settlement::Settled,
             2 => Settlement::ReplacedCharge,
@@ -149,11 +149,18 @@ impl RedisBudgets {
             .store
             .run(|mut conn| async move { self.read.key(hash).key(due).arg(now).invoke_async(&mut conn).await })
             .await?;
-        self.expired.fetch_add(expired, Ordering::Relaxed);
+        self.note_expired(expired);
         Some(Spend {
             spent: Nanos(spent.parse().ok()?),
             open: Nanos(open.parse().ok()?),
         })
+    }
+
+    fn note_expired(&self, count: u64) {
+        if count > 0 {
+            self.expired.fetch_add(count, Ordering::Relaxed);
+            crate::metrics::budget_expired(count);
+        }
     }
 
     /// Reservations charged in full on expiry, as seen by this instance's calls.

@@ -26,6 +26,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
+use super::MeterFields;
 use super::RequestFields;
 
 /// The target of the per-request line (see [`super::LogLine`]).
@@ -138,6 +139,9 @@ impl RequestLines {
         if let Some(id) = fields.response_id {
             str_member(out, "response_id", id)?;
         }
+        if let Some(meter) = &fields.meter {
+            write_meter(out, meter)?;
+        }
 
         // The user agent and the trace header are client-controlled text: only ever the
         // value of their own member, and the trace only as the ids parsed from it.
@@ -160,6 +164,41 @@ impl RequestLines {
         }
         out.write_str("}\n")
     }
+}
+
+/// A metered request's members: the model, its tokens and cost (amounts are exact
+/// decimal JSON numbers), and with budgets the reservation and the store.
+fn write_meter(out: &mut impl Write, meter: &MeterFields<'_>) -> fmt::Result {
+    str_member(out, "model", meter.model)?;
+    if let Some(figures) = &meter.figures {
+        for (name, tokens) in [
+            ("input_tokens", figures.input_tokens),
+            ("cached_tokens", figures.cached_tokens),
+            ("output_tokens", figures.output_tokens),
+        ] {
+            write_key(out, name)?;
+            write!(out, "{tokens}")?;
+        }
+        if let Some(cost) = figures.cost {
+            write_key(out, "cost_usd")?;
+            write!(out, "{cost}")?;
+        }
+        if figures.estimated {
+            write_key(out, "usage_estimated")?;
+            out.write_str("true")?;
+        }
+    }
+    if let Some(reservation) = meter.reservation {
+        write_key(out, "reservation_usd")?;
+        write!(out, "{reservation}")?;
+    }
+    if let Some(scope) = meter.budget_scope {
+        str_member(out, "budget_scope", scope)?;
+    }
+    if let Some(store) = meter.budget_store {
+        str_member(out, "budget_store", store)?;
+    }
+    Ok(())
 }
 
 /// The start of every line: `{"severity":"…","time":"…","target":"…"`.
@@ -465,6 +504,7 @@ mod tests {
             upstream_status: None,
             upstream_request_id: None,
             response_id: None,
+            meter: None,
             user_agent: Some("curl/8"),
             trace: Some("105445aa7843bc8bf206b12000100000"),
         };
@@ -482,6 +522,7 @@ mod tests {
                 upstream_status: Some(200),
                 upstream_request_id: Some("upstream-req-42"),
                 response_id: None,
+                meter: None,
                 user_agent: Some("ua \"q\" \\ \u{1}\t日本"),
                 trace: Some("105445aa7843bc8bf206b12000100000/1;o=1"),
             },

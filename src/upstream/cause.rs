@@ -67,6 +67,17 @@ impl Cause {
         Self::Other,
     ];
 
+    /// Whether the request may have reached the upstream: then a budget charges its
+    /// reservation (contract: a request whose body was sent but that got no status). A
+    /// failure to connect, resolve, shake hands or get a connection sent nothing. A
+    /// timeout may have come after the body went out, so it counts as sent.
+    pub fn after_sending(self) -> bool {
+        !matches!(
+            self,
+            Self::ConnectRefused | Self::ConnectFailed | Self::Dns | Self::Tls | Self::PoolWait
+        )
+    }
+
     /// The log line's and the metric label's value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,0 +1,412 @@
+//! One request's way through its budgets: admission in every budgeted scope (client,
+//! product, user, in the contract's order), and settlement when the response ends.
+//!
+//! Where each scope decides: Redis when configured and answering ([`RedisBudgets`]);
+//! the outage ledger while a configured Redis is unavailable ([`Outage`]: a share of what
+//! was left, replayed into Redis once it is back); this instance's memory when no Redis
+//! is configured ([`MemoryBudgets`]). A settlement that Redis cannot take now is kept and
+//! made again later (repeating one never counts twice); until then the reservation counts
+//! as open, and is charged in full if it expires first.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::memory::MemoryBudgets;
+use super::outage::Outage;
+use super::redis::RedisBudgets;
+use super::{Decision, Nanos, ReservationId, ReservationIds, Scope};
+use crate::auth::Identity;
+use crate::clock::Clock;
+use crate::day::{Day, DayZone};
+use crate::lock::lock;
+use crate::settings::BudgetSettings;
+use crate::store::Store;
+
+const X_BUDGET_LIMIT: HeaderName = HeaderName::from_static("x-budget-limit-usd");
+const X_BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining-usd");
+
+/// Most settlements kept while Redis cannot take them; beyond it the oldest is dropped,
+/// and its reservation is charged in full when it expires (an overcharge, never a leak).
+const MAX_LATE_SETTLEMENTS: usize = 100_000;
+
+/// Where the decisions were taken: the log line's `budget_store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetStore {
+    Redis,
+    Memory,
+}
+
+impl BudgetStore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Memory => "memory",
+        }
+    }
+}
+
+/// Where one scope's reservation was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Redis,
+    Outage,
+    Memory,
+}
+
+/// The caller's (product, user) budget as the `x-budget-*` headers show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetHeaders {
+    pub limit: Nanos,
+    /// Budget - spend - open reservations before this request, never below 0.
+    pub remaining: Nanos,
+}
+
+impl BudgetHeaders {
+    pub fn write(&self, headers: &mut HeaderMap) {
+        // Digits and a dot: always a valid header value.
+        if let Ok(limit) = HeaderValue::try_from(self.limit.usd_6_up()) {
+            headers.insert(X_BUDGET_LIMIT, limit);
+        }
+        if let Ok(remaining) = HeaderValue::try_from(self.remaining.usd_6_down()) {
+            headers.insert(X_BUDGET_REMAINING, remaining);
+        }
+    }
+}
+
+/// An admitted request's reservations, to settle when its response ends.
+#[derive(Debug)]
+pub struct Admission {
+    id: ReservationId,
+    day: Day,
+    /// The reservation (the worst case), the same in every scope.
+    pub amount: Nanos,
+    scopes: Vec<(Scope, Place)>,
+    pub headers: Option<BudgetHeaders>,
+    pub store: BudgetStore,
+}
+
+/// A request refused by a budget (429 `budget_exceeded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// `user`, `product` or `client`.
+    pub scope: &'static str,
+    /// Until the next day starts in `DAY_TIMEZONE`.
+    pub retry_after: Duration,
+    pub headers: Option<BudgetHeaders>,
+    pub store: BudgetStore,
+}
+
+/// A settlement Redis could not take when it was made.
+struct Late {
+    scope: Scope,
+    id: ReservationId,
+    cost: Nanos,
+    day: Day,
+}
+
+/// Every budget of this instance; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct Budgets {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: BudgetSettings,
+    zone: DayZone,
+    clock: Clock,
+    ids: ReservationIds,
+    memory: MemoryBudgets,
+    redis: Option<RedisBudgets>,
+    outage: Mutex<Outage>,
+    late: Mutex<VecDeque<Late>>,
+    /// One replay task at a time.
+    replaying: AtomicBool,
+}
+
+impl Budgets {
+    /// `store`: the Redis connection when `REDIS_URL` is set.
+    pub fn new(settings: &BudgetSettings, zone: DayZone, clock: Clock, store: Option<Arc<Store>>) -> Self {
+        let ttl = settings.reservation_ttl;
+        let ids = ReservationIds::new().unwrap_or_else(|_| {
+            // No system randomness: the clock's microseconds still tell instances apart.
+            ReservationIds::with_instance(&format!("t{:x}", clock.unix_micros()))
+        });
+        Self {
+            inner: Arc::new(Inner {
+                settings: settings.clone(),
+                zone,
+                ids,
+                memory: MemoryBudgets::new(ttl),
+                redis: store.map(|store| RedisBudgets::new(store, ttl)),
+                outage: Mutex::new(Outage::new(
+                    settings.outage_share,
+                    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4),
+                )),
+                late: Mutex::new(VecDeque::new()),
+                replaying: AtomicBool::new(false),
+                clock,
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &BudgetSettings {
+        &self.inner.settings
+    }
+
+    /// Whether a budget applies to `identity`'s requests.
+    pub fn applies(&self, identity: &Identity) -> bool {
+        self.inner
+            .settings
+            .applies(&identity.product, identity.client.as_deref())
+    }
+
+    fn now(&self) -> i64 {
+        // Whole seconds; the clock never reads before 1970 or past i64.
+        self.inner.clock.unix_seconds() as i64
+    }
+
+    /// Reserves `amount` in every budgeted scope of `identity`, client first, then the
+    /// product, then the user. `Ok(None)`: no budget applies. A refusal releases what
+    /// this request reserved already.
+    pub async fn admit(&self, identity: &Identity, amount: Nanos) -> Result<Option<Admission>, Refusal> {
+        let settings = &self.inner.settings;
+        let mut scopes: Vec<(Scope, Nanos)> = Vec::with_capacity(3);
+        if let Some(client) = &identity.client
+            && let Some(budget) = settings.client_budget(client)
+        {
+            scopes.push((Scope::Client(client.to_string()), budget));
+        }
+        if let Some(budget) = settings.product_budget(&identity.product) {
+            scopes.push((Scope::Product(identity.product.to_string()), budget));
+        }
+        let user_budget = settings.user_budget(&identity.product);
+        if let Some(budget) = user_budget {
+            scopes.push((
+                Scope::User {
+                    product: identity.product.to_string(),
+                    user: identity.user.to_string(),
+                },
+                budget,
+            ));
+        }
+        if scopes.is_empty() {
+            return Ok(None);
+        }
+        let now = self.now();
+        let day = self.inner.zone.day_at(now);
+        let id = self.inner.ids.next();
+        let mut admission = Admission {
+            id,
+            day,
+            amount,
+            scopes: Vec::with_capacity(scopes.len()),
+            headers: None,
+            store: BudgetStore::Redis,
+        };
+        for (scope, budget) in scopes {
+            let scoped = admission.id.in_scope(&scope);
+            let (decision, place) = self.reserve(&scope, budget, &scoped, amount, &day, now).await;
+            if place != Place::Redis {
+                admission.store = BudgetStore::Memory;
+            }
+            let is_user = matches!(scope, Scope::User { .. });
+            if is_user {
+                admission.headers = Some(BudgetHeaders {
+                    limit: budget,
+                    remaining: decision.remaining(),
+                });
+            }
+            crate::metrics::budget_decision(decision.is_admitted(), admission.store.as_str());
+            if !decision.is_admitted() {
+                let headers = match (admission.headers, user_budget) {
+                    (Some(headers), _) => Some(headers),
+                    (None, Some(limit)) => Some(self.user_headers(identity, limit, &day, now).await),
+                    (None, None) => None,
+                };
+                let store = admission.store;
+                self.settle(admission, Nanos::ZERO).await;
+                return Err(Refusal {
+                    scope: scope.kind(),
+                    retry_after: self.inner.zone.until_next_day(now),
+                    headers,
+                    store,
+                });
+            }
+            admission.scopes.push((scope, place));
+        }
+        Ok(Some(admission))
+    }
+
+    /// Replaces the reservations of `admission` with `cost` (0 releases them).
+    pub async fn settle(&self, admission: Admission, cost: Nanos) {
+        let now = self.now();
+        let Admission { id, day, scopes, .. } = admission;
+        for (scope, place) in scopes {
+            let scoped = id.in_scope(&scope);
+            match place {
+                Place::Memory => {
+                    self.inner.memory.settle(&scope, &scoped, cost, &day, now);
+                }
+                Place::Outage => {
+                    lock(&self.inner.outage).settle(&scoped, cost);
+                }
+                Place::Redis => {
+                    let settled = match &self.inner.redis {
+                        Some(redis) => redis.settle(&scope, &scoped, cost, &day, now).await,
+                        None => None,
+                    };
+                    if settled.is_some() {
+                        self.redis_answered();
+                    } else {
+                        self.keep_late(Late {
+                            scope,
+                            id: scoped,
+                            cost,
+                            day,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Settles `admission` on a task of its own: for a response dropped before its end,
+    /// where nothing can wait for Redis.
+    pub fn settle_later(&self, admission: Admission, cost: Nanos) {
+        let budgets = self.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { budgets.settle(admission, cost).await });
+        }
+    }
+
+    /// What stays unwritten to Redis (outage spend and settlements Redis did not take):
+    /// lost if the instance stops now. Logged at shutdown.
+    pub fn unreplayed(&self) -> Nanos {
+        let outage = lock(&self.inner.outage).unreplayed();
+        let late = lock(&self.inner.late)
+            .iter()
+            .fold(Nanos::ZERO, |sum, late| sum.saturating_add(late.cost));
+        outage.saturating_add(late)
+    }
+
+    async fn reserve(
+        &self,
+        scope: &Scope,
+        budget: Nanos,
+        id: &ReservationId,
+        amount: Nanos,
+        day: &Day,
+        now: i64,
+    ) -> (Decision, Place) {
+        let Some(redis) = &self.inner.redis else {
+            let decision = self
+                .inner
+                .memory
+                .reserve(scope, budget, id, amount, day, now)
+                // Full (a million scopes or reservations today): fail closed.
+                .unwrap_or(Decision::Refused { remaining: Nanos::ZERO });
+            return (decision, Place::Memory);
+        };
+        match redis.reserve(scope, budget, id, amount, day, now).await {
+            Some(decision) => {
+                let left = match decision {
+                    Decision::Admitted { remaining_before } => remaining_before.saturating_sub(amount),
+                    Decision::Refused { remaining } => remaining,
+                };
+                {
+                    let mut outage = lock(&self.inner.outage);
+                    outage.redis_back();
+                    outage.note_read(scope, day, left, now);
+                }
+                self.redis_answered();
+                (decision, Place::Redis)
+            }
+            None => {
+                let decision = lock(&self.inner.outage).reserve(scope, budget, id, amount, day, now);
+                (decision, Place::Outage)
+            }
+        }
+    }
+
+    /// The user's figures when an earlier scope refused the request.
+    async fn user_headers(&self, identity: &Identity, limit: Nanos, day: &Day, now: i64) -> BudgetHeaders {
+        let scope = Scope::User {
+            product: identity.product.to_string(),
+            user: identity.user.to_string(),
+        };
+        let spend = match &self.inner.redis {
+            None => Some(self.inner.memory.spend(&scope, day, now)),
+            Some(redis) => redis.spend(&scope, day, now).await,
+        };
+        BudgetHeaders {
+            limit,
+            // Unknown while Redis is away: the budget is all that can be said.
+            remaining: spend.map_or(limit, |s| s.remaining(limit)),
+        }
+    }
+
+    fn keep_late(&self, late: Late) {
+        let mut queue = lock(&self.inner.late);
+        if queue.len() >= MAX_LATE_SETTLEMENTS {
+            queue.pop_front();
+            tracing::warn!("too many settlements wait for Redis: the oldest one's reservation will be charged in full");
+        }
+        queue.push_back(late);
+    }
+
+    /// Redis answered: write what waits for it (outage spend, late settlements) on a task
+    /// of its own, one at a time.
+    fn redis_answered(&self) {
+        let waiting = !lock(&self.inner.late).is_empty() || lock(&self.inner.outage).unreplayed() > Nanos::ZERO;
+        if !waiting || self.inner.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let budgets = self.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                budgets.replay().await;
+                budgets.inner.replaying.store(false, Ordering::Release);
+            });
+        } else {
+            self.inner.replaying.store(false, Ordering::Release);
+        }
+    }
+
+    async fn replay(&self) {
+        let Some(redis) = &self.inner.redis else { return };
+        let now = self.now();
+        let replays = lock(&self.inner.outage).take_replays(now);
+        let mut replays = replays.into_iter();
+        while let Some(replay) = replays.next() {
+            if redis.replay(&replay, now).await.is_some() {
+                crate::metrics::budget_outage_spend("replayed", replay.cost.0);
+                continue;
+            }
+            // Redis went away again: keep the rest for the next time it answers.
+            let mut outage = lock(&self.inner.outage);
+            outage.give_back(replay);
+            for rest in replays {
+                outage.give_back(rest);
+            }
+            return;
+        }
+        loop {
+            let Some(late) = lock(&self.inner.late).pop_front() else {
+                return;
+            };
+            if redis
+                .settle(&late.scope, &late.id, late.cost, &late.day, now)
+                .await
+                .is_none()
+            {
+                lock(&self.inner.late).push_front(late);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The budget step of the metered routes (chat, responses, embeddings): the worst case
+//! of a validated request, its admission in every budgeted scope, and what the upstream's
+//! answer then costs: 0 for a status that is not 2xx, the reservation for a request that
+//! got no status after its body was sent, the usage read from a 2xx body as it passes.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use http::HeaderMap;
+
+use crate::app::App;
+use crate::auth::Identity;
+use crate::budget::Nanos;
+use crate::budget::admission::{Admission, BudgetHeaders};
+use crate::budget::price::Prices;
+use crate::error::ApiError;
+use crate::meter::{Meter, MeterLog, MeteredBody, Reader, Reserved};
+use crate::upstream::{Cause, UpstreamFailure};
+use crate::validate::ValidationError;
+
+/// What the reservation is computed from (contract: "Reservation").
+pub struct Worst<'a> {
+    /// The model, decoded.
+    pub model: &'a str,
+    /// The forwarded body's length: a text token is at least one byte.
+    pub body_bytes: usize,
+    /// The settled input and output tokens of the `previous_response_id`, if any.
+    pub previous_tokens: u64,
+    /// The output limit as forwarded (0 for embeddings).
+    pub output_limit: u64,
+    /// Chat `n` (1 otherwise).
+    pub n: u64,
+    /// An image, file or audio part, or a hosted tool: only the context window bounds it.
+    pub needs_context_window: bool,
+    /// The parameter a refusal for an unknown context window names.
+    pub input_param: &'static str,
+}
+
+/// Whether a budget applies to `identity`'s requests (then validation refuses what
+/// cannot be reserved).
+pub fn budgeted(app: &App, identity: &Identity) -> bool {
+    app.budgets.applies(identity)
+}
+
+/// The reservation in tokens, or 400 `unsupported_parameter` for a body whose input only
+/// a context window bounds, while a budget applies to a model that has none.
+pub fn reserve_tokens(worst: &Worst<'_>, prices: Option<&Prices>, budgeted: bool) -> Result<Reserved, ApiError> {
+    let context = prices.and_then(|p| p.context_tokens);
+    let body = u64::try_from(worst.body_bytes).unwrap_or(u64::MAX);
+    let mut input = body.saturating_add(worst.previous_tokens);
+    if worst.needs_context_window {
+        match context {
+            Some(window) => input = window,
+            None if budgeted => return Err(ValidationError::Unsupported(worst.input_param).into()),
+            None => {}
+        }
+    }
+    if let Some(window) = context {
+        input = input.min(window);
+    }
+    let output = if worst.n > 1 {
+        worst.output_limit.saturating_mul(worst.n)
+    } else {
+        worst.output_limit
+    };
+    Ok(Reserved {
+        input_tokens: input,
+        output_tokens: output,
+    })
+}
+
+/// A metered request after its budget decision.
+pub struct Metered {
+    pub log: MeterLog,
+    headers: Option<BudgetHeaders>,
+    product: Arc<str>,
+    prices: Option<Prices>,
+    reserved: Reserved,
+    admission: Option<Admission>,
+}
+
+impl Metered {
+    /// The budget decision: admitted (or no budget), or the 429 `budget_exceeded` answer
+    /// with its log fields.
+    pub async fn admit(
+        app: &App,
+        identity: &Identity,
+        model: &str,
+        reserved: Reserved,
+    ) -> Result<Self, (ApiError, MeterLog)> {
+        let prices = app.budgets.settings().prices_of(model).copied();
+        let mut log = MeterLog::new(model);
+        let amount = reserved.cost(prices.as_ref());
+        let admission = match app.budgets.admit(identity, amount).await {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                log.reservation = Some(amount);
+                log.budget_scope = Some(refusal.scope);
+                log.budget_store = Some(refusal.store.as_str());
+                return Err((ApiError::BudgetExceeded(refusal), log));
+            }
+        };
+        if let Some(admission) = &admission {
+            log.reservation = Some(admission.amount);
+            log.budget_store = Some(admission.store.as_str());
+        }
+        Ok(Self {
+            headers: admission.as_ref().and_then(|a| a.headers),
+            log,
+            product: Arc::clone(&identity.product),
+            prices,
+            reserved,
+            admission,
+        })
+    }
+
+    /// The `x-budget-*` headers of the caller's (product, user) budget, if it has one.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        if let Some(budget) = &self.headers {
+            budget.write(headers);
+        }
+    }
+
+    /// The upstream gave no usable answer: nothing was sent (no credential, no
+    /// connection), which costs 0; or the body was sent and no status came, which costs
+    /// the reservation.
+    pub async fn failed(&mut self, app: &App, failure: &UpstreamFailure) {
+        let Some(admission) = self.admission.take() else { return };
+        let sent = failure.cause.is_some_and(Cause::after_sending);
+        let cost = if sent { admission.amount } else { Nanos::ZERO };
+        app.budgets.settle(admission, cost).await;
+    }
+
+    /// The upstream answered with a status that is not 2xx: it costs nothing.
+    pub async fn refused_upstream(&mut self, app: &App) {
+        if let Some(admission) = self.admission.take() {
+            app.budgets.settle(admission, Nanos::ZERO).await;
+        }
+    }
+
+    /// A 2xx body: metered as it passes, settled when it ends.
+    pub fn meter(&mut self, app: &App, body: Body, reader: Reader) -> Body {
+        let meter = Meter {
+            product: Arc::clone(&self.product),
+            log: Arc::clone(&self.log.figures),
+            model: self.log.model.clone(),
+            prices: self.prices,
+            reserved: self.reserved,
+            budget: self.admission.take().map(|a| (app.budgets.clone(), a)),
+        };
+        Body::new(MeteredBody::new(body, reader, meter))
+    }
+}
