@@ -83,6 +83,11 @@ pub async fn start(settings: Settings, ip: IpAddr) -> io::Result<Running> {
         max_body_bytes: settings.max_body_bytes,
         grace: settings.shutdown_grace,
     };
+    if settings.budgets.any() && settings.redis.is_none() {
+        tracing::warn!(
+            "budgets are set without REDIS_URL: each instance keeps its own, and they start again at a restart"
+        );
+    }
     let app = Arc::new(App::new(settings));
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(listener, app, options, async move {
@@ -170,6 +175,13 @@ async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown:
     let _ = drain.send(());
     if tokio::time::timeout(options.grace, drain.closed()).await.is_err() {
         tracing::warn!("grace period over: closing the remaining connections");
+    }
+    // Spend admitted while Redis was unavailable and not written to it yet goes with
+    // this instance (contract: "logged as lost").
+    let lost = app.budgets.unreplayed();
+    if lost > crate::budget::Nanos::ZERO {
+        crate::metrics::budget_outage_spend("lost", lost.0);
+        tracing::warn!(lost_usd = %lost, "stopping with budget spend that Redis never received: it is lost");
     }
 }
 

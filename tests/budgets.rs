@@ -1,0 +1,393 @@
+//! Budgets end to end (contract: "Budgets (spend control)"): the real app on loopback, a
+//! mock upstream that reports usage over real HTTP, and a real `redis-server` where the
+//! contract speaks of Redis. Amounts are integers of 1e-9 USD in the assertions, turned
+//! into the headers' decimal text only at the edge.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use api_key_server::clock::ManualClock;
+use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use common::redis::RedisServer;
+use common::{CHAT, MockUpstream, TestApp, jwt};
+use http::HeaderValue;
+use tokio::sync::watch;
+
+/// Prices: 1 USD per 1M input tokens (1,000 nanos a token), 2 USD per 1M output tokens,
+/// cached input 0.5.
+const PRICES: &str = r#"{"gpt-4o":{"input":1,"output":2,"cached_input":0.5},"gpt-4o-mini":{"input":1,"output":2},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}"#;
+const INPUT_NANOS: u64 = 1_000;
+const OUTPUT_NANOS: u64 = 2_000;
+const CACHED_NANOS: u64 = 500;
+
+/// What the mock upstream reports for every answer: 10 input tokens (4 cached), 5 output.
+const USAGE: &str = r#"{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}"#;
+const USAGE_COST: u64 = 6 * INPUT_NANOS + 4 * CACHED_NANOS + 5 * OUTPUT_NANOS;
+
+/// The reservation of a non-streamed chat body that sets `max_tokens`: its bytes as
+/// input tokens, the limit as output tokens.
+fn reservation(body: &str, max_tokens: u64) -> u64 {
+    body.len() as u64 * INPUT_NANOS + max_tokens * OUTPUT_NANOS
+}
+
+fn usd(nanos: u64) -> String {
+    let micros = nanos / 1_000;
+    let (whole, frac) = (micros / 1_000_000, micros % 1_000_000);
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{}", format!("{frac:06}").trim_end_matches('0'))
+    }
+}
+
+/// A chat upstream that reports [`USAGE`]; streams carry a usage chunk when asked for
+/// it; a body with `"user":"fail"` gets a 500; one with `"user":"hold"` waits until the
+/// test opens the gate.
+struct Upstream {
+    mock: MockUpstream,
+    gate: watch::Sender<bool>,
+    held: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    async fn start() -> Self {
+        let (gate, opened) = watch::channel(false);
+        let held: Arc<AtomicUsize> = Arc::default();
+        let waiting = held.clone();
+        let router = Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: Bytes| {
+                    let mut opened = opened.clone();
+                    let waiting = waiting.clone();
+                    async move {
+                        let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        match request["user"].as_str() {
+                            Some("fail") => return json(500, r#"{"error":{"message":"boom","type":"server_error"}}"#),
+                            Some("hold") => {
+                                waiting.fetch_add(1, Ordering::SeqCst);
+                                let _ = opened.wait_for(|open| *open).await;
+                            }
+                            _ => {}
+                        }
+                        if request["stream"] == true {
+                            stream(request["stream_options"]["include_usage"] == true)
+                        } else {
+                            json(
+                                200,
+                                &format!(
+                                    r#"{{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hi"}},"finish_reason":"stop"}}],"usage":{USAGE}}}"#
+                                ),
+                            )
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/v1/embeddings",
+                axum::routing::post(|| async {
+                    json(
+                        200,
+                        r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+                    )
+                }),
+            );
+        Self {
+            mock: MockUpstream::start(router).await,
+            gate,
+            held,
+        }
+    }
+
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+fn json(status: u16, body: &str) -> Response {
+    let mut response = Response::new(Body::from(body.to_owned()));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
+const CHUNK: &str = r#"data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+
+fn stream(with_usage: bool) -> Response {
+    let mut body = format!("{CHUNK}\n\n");
+    if with_usage {
+        body.push_str(&format!(
+            r#"data: {{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"usage":{USAGE}}}"#
+        ));
+        body.push_str("\n\n");
+    }
+    body.push_str("data: [DONE]\n\n");
+    let mut response = Response::new(Body::from(body));
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/event-stream"));
+    response
+}
+
+async fn app(upstream: &Upstream, overrides: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![("MODEL_PRICES", PRICES)];
+    all.extend_from_slice(overrides);
+    TestApp::spawn(&upstream.mock.url(), &all).await
+}
+
+async fn chat_as(app: &TestApp, user: &str, body: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(jwt(common::PRODUCT, user))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+/// A chat body for `user` (the mock upstream's switch) with `max_tokens`.
+fn body_for(user: &str, max_tokens: u64) -> String {
+    format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens},"user":"{user}"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_is_settled_from_the_reported_usage_and_a_request_that_cannot_fit_is_refused() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[("DAILY_BUDGET_USD", "0.001")]).await;
+    let budget = 1_000_000;
+
+    let first = app.chat(CHAT).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-budget-limit-usd").as_deref(), Some("0.001"));
+    assert_eq!(header(&first, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+    let _ = first.bytes().await.unwrap();
+
+    // The first request cost its usage, not its reservation.
+    let second = app.chat(CHAT).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        header(&second, "x-budget-remaining-usd"),
+        Some(usd(budget - USAGE_COST))
+    );
+    let _ = second.bytes().await.unwrap();
+
+    // 2,048 output tokens cost 4.1e-3 USD at worst: more than is left.
+    let big = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":2048}"#;
+    assert!(reservation(big, 2048) > budget - 2 * USAGE_COST);
+    let refused = app.chat(big).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-should-retry").as_deref(), Some("false"));
+    let retry_after: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=25 * 3600).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        header(&refused, "x-budget-remaining-usd"),
+        Some(usd(budget - 2 * USAGE_COST))
+    );
+    assert_eq!(header(&refused, "x-budget-limit-usd").as_deref(), Some("0.001"));
+    let (kind, code, _) = common::error_of(refused).await;
+    assert_eq!((kind.as_str(), code.as_str()), ("insufficient_quota", "budget_exceeded"));
+    assert_eq!(upstream.mock.requests().len(), 2, "a refused request never goes upstream");
+
+    // Another user has a budget of their own.
+    let other = chat_as(&app, "bob", big).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(header(&other, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_admitted_only_while_their_reservations_fit() {
+    let upstream = Upstream::start().await;
+    let body = body_for("hold", 100);
+    let each = reservation(&body, 100);
+    // Room for three reservations, not four.
+    let budget = 4 * each - 1;
+    let budget_text = usd(budget.div_ceil(1_000) * 1_000);
+    let app = Arc::new(app(&upstream, &[("DAILY_BUDGET_USD", &budget_text)]).await);
+
+    let mut requests = Vec::new();
+    for _ in 0..10 {
+        let app = app.clone();
+        let body = body.clone();
+        requests.push(tokio::spawn(async move {
+            let response = chat_as(&app, common::USER, &body).await;
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }));
+    }
+    // The refused ones answer at once; the admitted ones wait at the upstream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.held.load(Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "three requests reach the upstream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upstream.open();
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(request.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 7, "{statuses:?}");
+
+    // Settled at their usage: the next one sees three usages spent.
+    let after = chat_as(&app, common::USER, &body_for("x", 100)).await;
+    assert_eq!(after.status(), 200);
+    let budget = budget.div_ceil(1_000) * 1_000;
+    assert_eq!(
+        header(&after, "x-budget-remaining-usd"),
+        Some(usd(budget - 3 * USAGE_COST))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_error_costs_nothing() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[("DAILY_BUDGET_USD", "0.001")]).await;
+    let failed = chat_as(&app, common::USER, &body_for("fail", 16)).await;
+    assert_eq!(failed.status(), 500);
+    assert_eq!(header(&failed, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+    let _ = failed.bytes().await.unwrap();
+    let next = app.chat(CHAT).await;
+    assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_ask_for_usage_and_the_client_does_not_see_the_chunk_it_did_not_ask_for() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[("DAILY_BUDGET_USD", "0.001")]).await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":16,"stream":true}"#;
+    let response = app.chat(body).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("usage"), "{text}");
+    assert!(text.contains("\"Hi\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    let sent: serde_json::Value = serde_json::from_slice(&upstream.mock.last().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    // Settled from the usage chunk.
+    let next = app.chat(CHAT).await;
+    assert_eq!(
+        header(&next, "x-budget-remaining-usd"),
+        Some(usd(1_000_000 - USAGE_COST))
+    );
+    let _ = next.bytes().await.unwrap();
+
+    // A client that asked for usage gets it.
+    let asked = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":16,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let text = app.chat(asked).await.text().await.unwrap();
+    assert!(text.contains(r#""choices":[],"usage""#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_product_and_client_budgets_refuse_with_their_own_scope() {
+    let upstream = Upstream::start().await;
+    let limits = r#"{"demo":{"product_daily_budget_usd":0.0001}}"#;
+    let app = app(&upstream, &[("PRODUCT_LIMITS", limits), ("DAILY_BUDGET_USD", "1")]).await;
+    let big = body_for("x", 2048);
+    let refused = chat_as(&app, "carol", &big).await;
+    assert_eq!(refused.status(), 429);
+    // The caller's own (product, user) figures, not the product's.
+    assert_eq!(header(&refused, "x-budget-limit-usd").as_deref(), Some("1"));
+    assert_eq!(header(&refused, "x-budget-remaining-usd").as_deref(), Some("1"));
+    let (_, code, _) = common::error_of(refused).await;
+    assert_eq!(code, "budget_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_budget_usage_is_still_measured_and_nothing_is_refused() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[]).await;
+    let response = chat_as(&app, common::USER, &body_for("x", 2048)).await;
+    assert_eq!(response.status(), 200);
+    assert!(header(&response, "x-budget-limit-usd").is_none());
+    let _ = response.bytes().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_starts_again_at_midnight_in_the_day_time_zone() {
+    let upstream = Upstream::start().await;
+    // 14:59:50 UTC is 23:59:50 in Tokyo.
+    let clock = ManualClock::at(Duration::from_secs(1_796_655_590));
+    let mut overrides = vec![("MODEL_PRICES", PRICES), ("DAILY_BUDGET_USD", "0.0001")];
+    overrides.push(("DAY_TIMEZONE", "Asia/Tokyo"));
+    let app = TestApp::spawn_with_clock(&upstream.mock.url(), &overrides, clock.clock()).await;
+    let big = body_for("x", 2048);
+    let refused = chat_as(&app, "dave", &big).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "retry-after").as_deref(), Some("10"));
+    let _ = app.chat(CHAT).await.bytes().await.unwrap();
+    clock.advance(Duration::from_secs(10));
+    let next = chat_as(&app, common::USER, CHAT).await;
+    assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.0001"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_budget_in_redis_exactly() {
+    let upstream = Upstream::start().await;
+    let redis = RedisServer::start();
+    let body = body_for("hold", 100);
+    let each = reservation(&body, 100);
+    let budget = (5 * each - 1).div_ceil(1_000) * 1_000;
+    let budget_text = usd(budget);
+    let overrides = [("DAILY_BUDGET_USD", budget_text.as_str()), ("REDIS_URL", &redis.url())];
+    let a = Arc::new(app(&upstream, &overrides).await);
+    let b = Arc::new(app(&upstream, &overrides).await);
+    // Both instances reach Redis before the load starts.
+    for instance in [&a, &b] {
+        let warm = chat_as(instance, "warmup", &body_for("x", 16)).await;
+        assert_eq!(header(&warm, "x-budget-limit-usd"), Some(budget_text.clone()));
+        let _ = warm.bytes().await.unwrap();
+    }
+
+    let mut requests = Vec::new();
+    for i in 0..16 {
+        let instance = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let body = body.clone();
+        requests.push(tokio::spawn(async move {
+            let response = chat_as(&instance, common::USER, &body).await;
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.held.load(Ordering::SeqCst) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "four requests reach the upstream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upstream.open();
+    let mut admitted = 0;
+    for request in requests {
+        if request.await.unwrap() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4, "room for four reservations in all, across both instances");
+    let spend: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| k.contains("u:x616c696365"))
+        .filter(|k| k.contains(":budget:") && !k.ends_with(":due"))
+        .collect();
+    assert_eq!(spend.len(), 1, "{spend:?}");
+    assert_eq!(redis.cli(&["HGET", &spend[0], "spend"]), (4 * USAGE_COST).to_string());
+    assert_eq!(redis.cli(&["HGET", &spend[0], "open"]), "0");
+}
