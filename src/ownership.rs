@@ -68,6 +68,8 @@ struct Entry {
     owner: Owner,
     /// Written during a Redis outage and not yet copied to Redis.
     pending: bool,
+    /// The response's settled input and output tokens (its reservation's until settled).
+    tokens: u64,
 }
 
 #[derive(Default)]
@@ -79,7 +81,7 @@ struct Memory {
 }
 
 impl Memory {
-    fn insert(&mut self, id: &str, owner: &Owner, pending: bool) {
+    fn insert(&mut self, id: &str, owner: &Owner, pending: bool, tokens: u64) {
         while self.order.len() >= MEMORY_CAPACITY {
             if let Some(oldest) = self.order.pop_front() {
                 self.owners.remove(&oldest);
@@ -98,6 +100,7 @@ impl Memory {
             Entry {
                 owner: owner.clone(),
                 pending,
+                tokens,
             },
         );
     }
@@ -118,16 +121,17 @@ impl Ownership {
     }
 
     /// Records `id` as `owner`'s. Never fails: while Redis is unavailable the record
-    /// waits in memory.
-    pub async fn record(&self, owner: &Owner, id: &str) {
+    /// waits in memory. `tokens`: the response's input and output tokens as far as known (the reservation's
+    /// until [`Ownership::set_tokens`] settles them).
+    pub async fn record(&self, owner: &Owner, id: &str, tokens: u64) {
         if let Some(store) = &self.redis {
-            // Budget seam: the record's value is the response's settled token count (for
-            // the reservation of a request that continues it); 0 until budgets settle it.
+            // The record's value is the response's token count: what a request that
+            // continues it (`previous_response_id`) reserves for it.
             let key = record_key(store, owner, id);
             let written = Box::pin(store.run(|mut conn| async move {
                 redis::cmd("SET")
                     .arg(&key)
-                    .arg(0)
+                    .arg(tokens)
                     .arg("EX")
                     .arg(RECORD_TTL.as_secs())
                     .query_async::<()>(&mut conn)
@@ -137,15 +141,39 @@ impl Ownership {
             if written.is_some() {
                 return;
             }
-            lock(&self.memory).insert(id, owner, true);
+            lock(&self.memory).insert(id, owner, true, tokens);
             return;
         }
-        lock(&self.memory).insert(id, owner, false);
+        lock(&self.memory).insert(id, owner, false, tokens);
+    }
+
+    /// Replaces the recorded token count of `id` with its settled one (the record keeps
+    /// its lifetime; a record that is gone stays gone).
+    pub async fn set_tokens(&self, owner: &Owner, id: &str, tokens: u64) {
+        {
+            let mut memory = lock(&self.memory);
+            if let Some(entry) = memory.owners.get_mut(id).filter(|e| e.owner == *owner) {
+                entry.tokens = tokens;
+            }
+        }
+        if let Some(store) = &self.redis {
+            let key = record_key(store, owner, id);
+            let _ = Box::pin(store.run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(tokens)
+                    .arg("XX")
+                    .arg("KEEPTTL")
+                    .query_async::<()>(&mut conn)
+                    .await
+            }))
+            .await;
+        }
     }
 
     /// Records the response created by a `2xx` answer for `owner` before the bytes that
     /// carry its id go on to the client; returns the answer and the id, if found.
-    pub async fn record_created(&self, owner: &Owner, response: Response) -> (Response, Option<String>) {
+    pub async fn record_created(&self, owner: &Owner, response: Response, tokens: u64) -> (Response, Option<String>) {
         let (parts, body) = response.into_parts();
         let stream = parts
             .headers
@@ -154,36 +182,44 @@ impl Ownership {
         let scanner = if stream { IdScanner::sse() } else { IdScanner::json() };
         let (body, id) = held::hold_until_id(body, scanner).await;
         if let Some(id) = &id {
-            self.record(owner, id).await;
+            self.record(owner, id, tokens).await;
         }
         (Response::from_parts(parts, body), id)
     }
 
     /// `Ok` when `owner` owns `id`; else 404 `response_not_found`, or 503
     /// `ownership_unavailable` when Redis is unavailable and memory does not know `id`.
-    pub async fn check(&self, owner: &Owner, id: &str) -> Result<(), ApiError> {
-        let memory_says = || lock(&self.memory).owners.get(id).map(|entry| entry.owner == *owner);
+    pub async fn check(&self, owner: &Owner, id: &str) -> Result<u64, ApiError> {
+        let memory_says = || {
+            lock(&self.memory)
+                .owners
+                .get(id)
+                .map(|entry| (entry.owner == *owner).then_some(entry.tokens))
+        };
         let Some(store) = &self.redis else {
-            return if memory_says() == Some(true) {
-                Ok(())
-            } else {
-                Err(ApiError::ResponseNotFound)
+            return match memory_says() {
+                Some(Some(tokens)) => Ok(tokens),
+                _ => Err(ApiError::ResponseNotFound),
             };
         };
         self.flush(store).await;
         let key = record_key(store, owner, id);
-        let exists = Box::pin(
-            store.run(|mut conn| async move { redis::cmd("EXISTS").arg(&key).query_async::<bool>(&mut conn).await }),
-        )
+        let recorded = Box::pin(store.run(|mut conn| async move {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        }))
         .await;
-        match (exists, memory_says()) {
-            (Some(true), _) | (_, Some(true)) => Ok(()),
-            (Some(false), _) | (None, Some(false)) => Err(ApiError::ResponseNotFound),
+        match (recorded, memory_says()) {
+            // An unreadable count (written by an older version: `0`) reserves nothing more.
+            (Some(Some(tokens)), _) => Ok(tokens.parse().unwrap_or(0)),
+            (_, Some(Some(tokens))) => Ok(tokens),
+            (Some(None), _) | (None, Some(None)) => Err(ApiError::ResponseNotFound),
             (None, None) => Err(ApiError::OwnershipUnavailable),
         }
     }
 
-    /// Forgets `id` (its upstream `DELETE` succeeded).
     pub async fn remove(&self, owner: &Owner, id: &str) {
         {
             let mut memory = lock(&self.memory);
@@ -203,13 +239,13 @@ impl Ownership {
     /// Copies records written during an outage to Redis, a batch per call; on success
     /// they leave memory (Redis answers for them from then on).
     async fn flush(&self, store: &Store) {
-        let batch: Vec<(Arc<str>, Owner)> = {
+        let batch: Vec<(Arc<str>, Owner, u64)> = {
             let mut memory = lock(&self.memory);
             let mut batch = Vec::new();
             while batch.len() < FLUSH_BATCH {
                 let Some(id) = memory.pending.pop_front() else { break };
                 if let Some(entry) = memory.owners.get(&id).filter(|e| e.pending) {
-                    batch.push((Arc::clone(&id), entry.owner.clone()));
+                    batch.push((Arc::clone(&id), entry.owner.clone(), entry.tokens));
                 }
             }
             batch
@@ -218,17 +254,17 @@ impl Ownership {
             return;
         }
         let mut pipe = redis::pipe();
-        for (id, owner) in &batch {
+        for (id, owner, tokens) in &batch {
             pipe.cmd("SET")
                 .arg(record_key(store, owner, id))
-                .arg(0)
+                .arg(*tokens)
                 .arg("EX")
                 .arg(RECORD_TTL.as_secs())
                 .ignore();
         }
         let written = Box::pin(store.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })).await;
         let mut memory = lock(&self.memory);
-        for (id, _) in batch {
+        for (id, _, _) in batch {
             if written.is_some() {
                 if memory.owners.get(&id).is_some_and(|e| e.pending) {
                     memory.owners.remove(&id);
@@ -261,7 +297,7 @@ mod tests {
     async fn in_memory_only_the_owner_finds_a_record() {
         let ownership = Ownership::new(None);
         let alice = owner("demo", None, "alice");
-        ownership.record(&alice, "resp_1").await;
+        ownership.record(&alice, "resp_1", 0).await;
         assert!(ownership.check(&alice, "resp_1").await.is_ok());
         for other in [
             owner("demo", None, "bob"),
@@ -284,7 +320,7 @@ mod tests {
         let mut memory = Memory::default();
         let alice = owner("demo", None, "alice");
         for i in 0..=MEMORY_CAPACITY {
-            memory.insert(&format!("r{i}"), &alice, false);
+            memory.insert(&format!("r{i}"), &alice, false, 0);
         }
         assert_eq!(memory.owners.len(), MEMORY_CAPACITY);
         assert!(!memory.owners.contains_key("r0"));

@@ -274,6 +274,7 @@ struct RequestFields<'a> {
 }
 
 /// A metered request's fields ([`MeterLog`] with its figures read).
+#[derive(Clone, Copy)]
 struct MeterFields<'a> {
     model: &'a str,
     figures: Option<Figures>,

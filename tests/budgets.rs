@@ -28,7 +28,8 @@ const OUTPUT_NANOS: u64 = 2_000;
 const CACHED_NANOS: u64 = 500;
 
 /// What the mock upstream reports for every answer: 10 input tokens (4 cached), 5 output.
-const USAGE: &str = r#"{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}"#;
+const USAGE: &str =
+    r#"{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}"#;
 const USAGE_COST: u64 = 6 * INPUT_NANOS + 4 * CACHED_NANOS + 5 * OUTPUT_NANOS;
 
 /// The reservation of a non-streamed chat body that sets `max_tokens`: its bytes as
@@ -156,15 +157,14 @@ async fn chat_as(app: &TestApp, user: &str, body: &str) -> reqwest::Response {
 }
 
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_owned())
+    response.headers().get(name).map(|v| v.to_str().unwrap().to_owned())
 }
 
 /// A chat body for `user` (the mock upstream's switch) with `max_tokens`.
 fn body_for(user: &str, max_tokens: u64) -> String {
-    format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens},"user":"{user}"}}"#)
+    format!(
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens},"user":"{user}"}}"#
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +202,15 @@ async fn spend_is_settled_from_the_reported_usage_and_a_request_that_cannot_fit_
     );
     assert_eq!(header(&refused, "x-budget-limit-usd").as_deref(), Some("0.001"));
     let (kind, code, _) = common::error_of(refused).await;
-    assert_eq!((kind.as_str(), code.as_str()), ("insufficient_quota", "budget_exceeded"));
-    assert_eq!(upstream.mock.requests().len(), 2, "a refused request never goes upstream");
+    assert_eq!(
+        (kind.as_str(), code.as_str()),
+        ("insufficient_quota", "budget_exceeded")
+    );
+    assert_eq!(
+        upstream.mock.requests().len(),
+        2,
+        "a refused request never goes upstream"
+    );
 
     // Another user has a budget of their own.
     let other = chat_as(&app, "bob", big).await;
@@ -235,7 +242,10 @@ async fn concurrent_requests_are_admitted_only_while_their_reservations_fit() {
     // The refused ones answer at once; the admitted ones wait at the upstream.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while upstream.held.load(Ordering::SeqCst) < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "three requests reach the upstream");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three requests reach the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     upstream.open();
@@ -370,7 +380,10 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while upstream.held.load(Ordering::SeqCst) < 4 {
-        assert!(tokio::time::Instant::now() < deadline, "four requests reach the upstream");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "four requests reach the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     upstream.open();

@@ -44,7 +44,7 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             Ok(forwarded) if (200..300).contains(&forwarded.status) => {
                 let mut outcome = Outcome::from(forwarded);
                 let response = std::mem::take(&mut outcome.response);
-                let (response, created) = app.ownership.record_created(&owner, response).await;
+                let (response, created) = app.ownership.record_created(&owner, response, 0).await;
                 outcome.response = response;
                 outcome.log.response_id = created.map(String::into_boxed_str);
                 outcome
