@@ -275,6 +275,57 @@ async fn with_day_timezone_tokyo_the_redis_day_key_and_retry_after_follow_tokyo(
     app.shutdown().await;
 }
 
+/// Midnight seen from instances whose clocks differ from Redis's: the instance sends two
+/// consecutive days and their boundary from its own clock, and the script counts on the
+/// one Redis's `TIME` is in, with `Retry-After` to that day's end on Redis's clock.
+#[test]
+fn at_midnight_the_day_that_counts_is_the_one_on_redis_clock() {
+    let redis = RedisServer::start();
+    let script = include_str!("../src/limit/bucket.lua");
+    let redis_now = || -> i64 { redis.cli(&["TIME"]).lines().next().unwrap().parse().unwrap() };
+    // capacity 100, refill 100/s, quota 1; a call returns outcome, remaining, reset, retry.
+    let decide = |user: &str, boundary: i64, late_end: i64| -> Vec<i64> {
+        let (bucket, early, late) = (
+            format!("{{{user}}}:b"),
+            format!("{{{user}}}:early"),
+            format!("{{{user}}}:late"),
+        );
+        let (boundary, late_end) = (boundary.to_string(), late_end.to_string());
+        let args = [
+            "EVAL", script, "3", &bucket, &early, &late, "100", "100", "1", &boundary, &late_end,
+        ];
+        redis.cli(&args).lines().map(|l| l.parse().unwrap()).collect()
+    };
+    let count = |user: &str, day: &str| redis.cli(&["GET", &format!("{{{user}}}:{day}")]);
+
+    // An instance 30 s fast, already past its midnight: Redis's day has not ended, so the
+    // request counts on the earlier day, whose end is 30 s away on Redis's clock.
+    let t = redis_now();
+    assert_eq!(decide("fast", t + 30, t + 30 + 86_400)[0], 0);
+    assert_eq!(
+        (count("fast", "early").as_str(), count("fast", "late").as_str()),
+        ("1", "")
+    );
+    let refused = decide("fast", t + 30, t + 30 + 86_400);
+    assert_eq!(refused[0], 2, "quota exceeded");
+    assert!((25_000..=30_000).contains(&refused[3]), "retry {} ms", refused[3]);
+
+    // An instance 30 s slow, still before its midnight: Redis's next day has started, so
+    // the request counts on the later day, to the later day's end.
+    let t = redis_now();
+    assert_eq!(decide("slow", t - 30, t + 3_600)[0], 0);
+    assert_eq!(
+        (count("slow", "early").as_str(), count("slow", "late").as_str()),
+        ("", "1")
+    );
+    let refused = decide("slow", t - 30, t + 3_600);
+    assert_eq!(refused[0], 2, "quota exceeded");
+    assert!((3_595_000..=3_600_000).contains(&refused[3]), "retry {} ms", refused[3]);
+    // The counter expires an hour after its day ends, on Redis's clock.
+    let ttl: i64 = redis.cli(&["TTL", "{slow}:late"]).parse().unwrap();
+    assert!((7_190..=7_200).contains(&ttl), "TTL {ttl}");
+}
+
 #[tokio::test]
 async fn redis_killed_mid_traffic_falls_back_to_memory_and_is_used_again_once_back() {
     let mut redis = RedisServer::start();
