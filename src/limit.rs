@@ -222,20 +222,26 @@ impl Limiter {
     }
 
     async fn decide(&self, key: &Key, limits: &Limits) -> Decision {
-        let now_us = self.clock.unix_micros();
-        let now = i64::try_from(now_us / 1_000_000).unwrap_or(i64::MAX);
-        let days = self.days.days_at(now);
-        if let Some(redis) = &self.redis
+        if let Some(redis) = &self.redis {
+            let now = unix_seconds(self.clock.unix_micros());
+            let days = self.days.days_at(now).pair_near(now);
             // Boxed: a Redis call's future is large, and without Redis it is never made.
-            && let Some(decision) = Box::pin(redis.decide(key, limits, days.pair_near(now))).await
-        {
-            metrics::limiter_decision(decision.outcome.label(), "redis");
-            return decision;
+            if let Some(decision) = Box::pin(redis.decide(key, limits, days)).await {
+                metrics::limiter_decision(decision.outcome.label(), "redis");
+                return decision;
+            }
         }
-        let decision = self.memory.decide(key, limits, now_us, &days.today);
+        // Read after any Redis attempt: a fallback decides at the time it is made.
+        let now_us = self.clock.unix_micros();
+        let today = self.days.days_at(unix_seconds(now_us)).today;
+        let decision = self.memory.decide(key, limits, now_us, &today);
         metrics::limiter_decision(decision.outcome.label(), "memory");
         decision
     }
+}
+
+fn unix_seconds(unix_micros: u64) -> i64 {
+    i64::try_from(unix_micros / 1_000_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
