@@ -45,7 +45,8 @@ impl App {
         let store = settings.redis.as_ref().map(|redis| Arc::new(Store::start(redis)));
         Self {
             auth: Authenticator::new(&settings, store.clone()),
-            limiter: Limiter::with_clock(&settings.limits, store.clone(), settings.clock.clone()),
+            limiter: Limiter::with_clock(&settings.limits, store.clone(), settings.clock.clone())
+                .with_day_zone(settings.day_zone.clone()),
             budgets: Budgets::new(
                 &settings.budgets,
                 settings.day_zone.clone(),

@@ -6,6 +6,7 @@
 //! This module never reads the clock: callers pass the wall-clock time, so tests control it.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -51,6 +52,33 @@ impl Day {
     pub fn key(&self) -> String {
         self.date.to_string()
     }
+
+    /// True when the moment `unix_seconds` belongs to this day.
+    pub fn contains(&self, unix_seconds: i64) -> bool {
+        (self.start..self.end).contains(&unix_seconds)
+    }
+}
+
+/// A day and its two neighbours: where a decision taken on another clock (Redis's) may
+/// fall when it is made within seconds of midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Days {
+    pub previous: Day,
+    pub today: Day,
+    pub next: Day,
+}
+
+impl Days {
+    /// The two consecutive days around the nearer of today's two midnights: `(previous,
+    /// today)` in the first half of today, else `(today, next)`. A clock that differs
+    /// from ours by less than half a day reads `unix_seconds` in one of the two.
+    pub fn pair_near(&self, unix_seconds: i64) -> (Day, Day) {
+        if unix_seconds - self.today.start < self.today.end - unix_seconds {
+            (self.previous, self.today)
+        } else {
+            (self.today, self.next)
+        }
+    }
 }
 
 impl DayZone {
@@ -90,6 +118,16 @@ impl DayZone {
         Day { date, start, end }
     }
 
+    /// The day of `unix_seconds` and the days just before and after it.
+    pub fn days_at(&self, unix_seconds: i64) -> Days {
+        let today = self.day_at(unix_seconds);
+        Days {
+            previous: self.day_at(today.start - 1),
+            today,
+            next: self.day_at(today.end),
+        }
+    }
+
     /// Time from `unix_seconds` until the next day starts: whole seconds, at least 1 (a
     /// client that waits this long is in the new day).
     pub fn until_next_day(&self, unix_seconds: i64) -> Duration {
@@ -104,6 +142,41 @@ impl DayZone {
         date.to_zoned_datetime(self.tz.clone())
             .and_then(|z| z.start_of_day())
             .map_or(MAX_SECONDS, |z| z.timestamp().as_second())
+    }
+}
+
+/// A [`DayZone`] that remembers the days it last computed: a new day starts once a day,
+/// while the time-zone arithmetic would otherwise run on every decision. The lock is held
+/// for a copy (and once a day for the arithmetic), never across an `.await`.
+#[derive(Debug)]
+pub struct DayCache {
+    zone: DayZone,
+    last: Mutex<Option<Days>>,
+}
+
+impl DayCache {
+    pub fn new(zone: DayZone) -> Self {
+        Self {
+            zone,
+            last: Mutex::new(None),
+        }
+    }
+
+    pub fn zone(&self) -> &DayZone {
+        &self.zone
+    }
+
+    /// As [`DayZone::days_at`].
+    pub fn days_at(&self, unix_seconds: i64) -> Days {
+        let mut last = crate::lock::lock(&self.last);
+        match *last {
+            Some(days) if days.today.contains(unix_seconds) => days,
+            _ => {
+                let days = self.zone.days_at(unix_seconds);
+                *last = Some(days);
+                days
+            }
+        }
     }
 }
 
@@ -200,10 +273,38 @@ mod tests {
     }
 
     #[test]
+    fn neighbours_touch_and_the_pair_is_around_the_nearer_midnight() {
+        let zone = DayZone::new("America/New_York").unwrap();
+        // Noon of the 25-hour day: its first half ends at 12:30 local.
+        let days = zone.days_at(utc(2026, 11, 1, 16, 0));
+        assert_eq!(days.previous.key(), "2026-10-31");
+        assert_eq!(days.next.key(), "2026-11-02");
+        assert_eq!(days.previous.end, days.today.start);
+        assert_eq!(days.today.end, days.next.start);
+        assert_eq!(days.pair_near(days.today.start + 3600), (days.previous, days.today));
+        assert_eq!(days.pair_near(days.today.end - 3600), (days.today, days.next));
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_zone_does_across_days() {
+        let zone = DayZone::new("Asia/Tokyo").unwrap();
+        let cache = DayCache::new(zone.clone());
+        let start = utc(2026, 12, 7, 14, 0);
+        for step in 0..200 {
+            let now = start + step * 1799;
+            assert_eq!(cache.days_at(now), zone.days_at(now), "{now}");
+        }
+        // Back in time too.
+        assert_eq!(cache.days_at(start), zone.days_at(start));
+    }
+
+    #[test]
     fn moments_outside_any_clock_are_clamped_not_panicking() {
         let zone = DayZone::new("Asia/Tokyo").unwrap();
         let _ = zone.day_at(i64::MIN);
         let _ = zone.day_at(i64::MAX);
+        let _ = DayCache::new(zone.clone()).days_at(i64::MIN);
+        let _ = zone.days_at(i64::MAX);
         assert!(zone.until_next_day(i64::MAX) >= Duration::from_secs(1));
     }
 }

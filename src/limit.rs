@@ -6,6 +6,9 @@
 //! atomic script per decision) when a [`Store`] is configured and answering, else to this
 //! instance's memory ([`memory`]). This module never fails a request because Redis is
 //! unavailable, and never holds a lock across an `.await`.
+//!
+//! Daily quotas count days of `DAY_TIMEZONE` (a [`DayCache`]); how Redis, which cannot
+//! do time-zone arithmetic, still decides the day on its own clock is in [`redis`].
 
 mod memory;
 mod redis;
@@ -19,6 +22,7 @@ use self::memory::MemoryLimiter;
 use self::redis::RedisLimiter;
 use crate::auth::Identity;
 use crate::clock::Clock;
+use crate::day::{DayCache, DayZone};
 use crate::metrics;
 use crate::settings::{LimitSettings, Limits};
 use crate::store::Store;
@@ -114,7 +118,8 @@ pub(crate) struct Decision {
     pub outcome: Outcome,
     /// The figures of the bucket that decided, after this request.
     pub headers: RateLimitHeaders,
-    /// Until a token (rate limited) or the next UTC day (quota exceeded); zero when admitted.
+    /// Until a token (rate limited) or the next day in `DAY_TIMEZONE` (quota exceeded);
+    /// zero when admitted.
     pub retry_after: Duration,
 }
 
@@ -164,9 +169,11 @@ pub struct Limiter {
     settings: LimitSettings,
     memory: MemoryLimiter,
     redis: Option<RedisLimiter>,
-    /// Wall time: the daily quota follows the UTC calendar, and a step back is harmless
-    /// (the bucket refills nothing for it).
+    /// Wall time: the daily quota follows the calendar, and a step back is harmless (the
+    /// bucket refills nothing for it).
     clock: Clock,
+    /// The days of `DAY_TIMEZONE`.
+    days: DayCache,
 }
 
 impl Limiter {
@@ -175,14 +182,22 @@ impl Limiter {
     }
 
     /// As [`Limiter::new`], with the clock of the in-memory decisions (Redis decides on
-    /// its own clock).
+    /// its own clock). Days are UTC days until [`Limiter::with_day_zone`].
     pub fn with_clock(settings: &LimitSettings, store: Option<Arc<Store>>, clock: Clock) -> Self {
         Self {
             settings: settings.clone(),
             memory: MemoryLimiter::new(),
             redis: store.map(RedisLimiter::new),
             clock,
+            days: DayCache::new(DayZone::utc()),
         }
+    }
+
+    /// Daily quotas start at 00:00 in `zone` (`DAY_TIMEZONE`).
+    #[must_use]
+    pub fn with_day_zone(mut self, zone: DayZone) -> Self {
+        self.days = DayCache::new(zone);
+        self
     }
 
     /// Admits or refuses one request of `identity`.
@@ -207,17 +222,26 @@ impl Limiter {
     }
 
     async fn decide(&self, key: &Key, limits: &Limits) -> Decision {
-        if let Some(redis) = &self.redis
+        if let Some(redis) = &self.redis {
+            let now = unix_seconds(self.clock.unix_micros());
+            let days = self.days.days_at(now).pair_near(now);
             // Boxed: a Redis call's future is large, and without Redis it is never made.
-            && let Some(decision) = Box::pin(redis.decide(key, limits)).await
-        {
-            metrics::limiter_decision(decision.outcome.label(), "redis");
-            return decision;
+            if let Some(decision) = Box::pin(redis.decide(key, limits, days)).await {
+                metrics::limiter_decision(decision.outcome.label(), "redis");
+                return decision;
+            }
         }
-        let decision = self.memory.decide(key, limits, self.clock.unix_micros());
+        // Read after any Redis attempt: a fallback decides at the time it is made.
+        let now_us = self.clock.unix_micros();
+        let today = self.days.days_at(unix_seconds(now_us)).today;
+        let decision = self.memory.decide(key, limits, now_us, &today);
         metrics::limiter_decision(decision.outcome.label(), "memory");
         decision
     }
+}
+
+fn unix_seconds(unix_micros: u64) -> i64 {
+    i64::try_from(unix_micros / 1_000_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -312,6 +336,80 @@ mod tests {
         assert_eq!(headers["x-ratelimit-reset-requests"], "1s");
         clock.advance(Duration::from_secs(60));
         assert!(limiter.admit(&a).await.is_ok());
+    }
+
+    /// Unix seconds of a UTC date and time.
+    fn utc(y: i16, mo: i8, d: i8, h: i8, mi: i8, s: i8) -> u64 {
+        let ts = jiff::civil::date(y, mo, d)
+            .at(h, mi, s, 0)
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_second();
+        u64::try_from(ts).unwrap()
+    }
+
+    /// A limiter with a daily quota of one in `zone`, its clock at `at` (unix seconds).
+    fn quota_of_one(zone: &str, at: u64) -> (Limiter, Arc<ManualClock>) {
+        let settings = LimitSettings {
+            default: limits(100, 100.0, 1),
+            products: HashMap::new(),
+            clients: HashMap::new(),
+        };
+        let clock = ManualClock::at(Duration::from_secs(at));
+        let limiter = Limiter::with_clock(&settings, None, clock.clock()).with_day_zone(DayZone::new(zone).unwrap());
+        (limiter, clock)
+    }
+
+    /// The `Retry-After` header of a `daily_quota_exceeded` refusal.
+    async fn quota_retry_after(limiter: &Limiter, who: &Identity) -> String {
+        let refusal = limiter.admit(who).await.unwrap_err();
+        assert!(matches!(refusal, LimitError::DailyQuotaExceeded { .. }), "{refusal:?}");
+        let mut headers = HeaderMap::new();
+        refusal.write_headers(&mut headers);
+        headers["retry-after"].to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_tokyo_day_ends_at_15_00_utc() {
+        let (limiter, clock) = quota_of_one("Asia/Tokyo", utc(2026, 12, 7, 14, 0, 0));
+        let (a, b) = (identity("a", None), identity("b", None));
+        assert!(limiter.admit(&a).await.is_ok());
+        // Midnight in Tokyo is an hour away (UTC's would be ten).
+        assert_eq!(quota_retry_after(&limiter, &a).await, "3600");
+        clock.advance(Duration::from_secs(3599));
+        // A quota used up at 14:59:59 UTC...
+        assert!(limiter.admit(&b).await.is_ok());
+        assert_eq!(quota_retry_after(&limiter, &b).await, "1");
+        assert_eq!(quota_retry_after(&limiter, &a).await, "1");
+        // ...is back at 15:00:00 UTC, for both.
+        clock.advance(Duration::from_secs(1));
+        assert!(limiter.admit(&b).await.is_ok());
+        assert!(limiter.admit(&a).await.is_ok());
+        // And the new Tokyo day lasts until 15:00 UTC the next day, across UTC's midnight.
+        assert_eq!(quota_retry_after(&limiter, &a).await, "86400");
+        clock.advance(Duration::from_secs(10 * 3600));
+        assert_eq!(quota_retry_after(&limiter, &a).await, "50400");
+    }
+
+    #[tokio::test]
+    async fn new_york_days_of_23_and_25_hours_end_at_local_midnight() {
+        // 2026-03-08 has 23 hours (05:00 UTC to 04:00 UTC the next day).
+        let (limiter, clock) = quota_of_one("America/New_York", utc(2026, 3, 9, 3, 0, 0));
+        let a = identity("a", None);
+        assert!(limiter.admit(&a).await.is_ok());
+        assert_eq!(quota_retry_after(&limiter, &a).await, "3600");
+        clock.advance(Duration::from_secs(3600));
+        assert!(limiter.admit(&a).await.is_ok(), "a new day at 00:00 EDT");
+
+        // 2026-11-01 has 25 hours (04:00 UTC to 05:00 UTC the next day).
+        let (limiter, clock) = quota_of_one("America/New_York", utc(2026, 11, 1, 4, 0, 0));
+        assert!(limiter.admit(&a).await.is_ok());
+        assert_eq!(quota_retry_after(&limiter, &a).await, "90000");
+        clock.advance(Duration::from_secs(90_000 - 1));
+        assert_eq!(quota_retry_after(&limiter, &a).await, "1");
+        clock.advance(Duration::from_secs(1));
+        assert!(limiter.admit(&a).await.is_ok(), "a new day at 00:00 EST");
     }
 
     #[test]

@@ -146,6 +146,47 @@ async fn the_daily_quota_refuses_until_utc_midnight() {
     app.shutdown().await;
 }
 
+/// 2026-12-07T14:00:00Z: 23:00 in Tokyo, an hour before its midnight (15:00 UTC).
+const TOKYO_23H: u64 = 1_796_652_000;
+
+#[tokio::test]
+async fn with_day_timezone_tokyo_the_daily_quota_starts_again_at_15_00_utc() {
+    let upstream = MockUpstream::openai().await;
+    let clock = ManualClock::at(Duration::from_secs(TOKYO_23H));
+    let app = TestApp::spawn_with_clock(
+        &upstream.url(),
+        &[("DAILY_QUOTA", "1"), ("DAY_TIMEZONE", "Asia/Tokyo")],
+        clock.clock(),
+    )
+    .await;
+    let chat_now = |user: &'static str| {
+        let now = clock.clock().wall().as_secs();
+        let token = jwt_claims(&serde_json::json!({"sub": user, "product": PRODUCT, "iat": now, "exp": now + 300}));
+        app.client.post(app.url(PATH)).bearer_auth(token).body(CHAT).send()
+    };
+    assert_eq!(chat_now("alice").await.unwrap().status(), 200);
+    let refused = chat_now("alice").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    // To Tokyo's midnight, not UTC's (ten hours away).
+    assert_eq!(header(&refused, "retry-after"), "3600");
+    assert_eq!(error_of(refused).await.1, "daily_quota_exceeded");
+    // bob uses his quota up at 14:59:59 UTC.
+    clock.advance(Duration::from_secs(3599));
+    assert_eq!(chat_now("bob").await.unwrap().status(), 200);
+    let refused = chat_now("bob").await.unwrap();
+    assert_eq!(header(&refused, "retry-after"), "1");
+    // 15:00:00 UTC: a new day in Tokyo for both.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(chat_now("bob").await.unwrap().status(), 200);
+    assert_eq!(chat_now("alice").await.unwrap().status(), 200);
+    // That day lasts until 15:00 UTC tomorrow, through UTC's midnight.
+    clock.advance(Duration::from_secs(9 * 3600 + 1));
+    let refused = chat_now("alice").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "retry-after"), (15 * 3600 - 1).to_string());
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn when_bucket_and_quota_both_refuse_the_quota_answers() {
     let upstream = MockUpstream::openai().await;

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use api_key_server::day::DayZone;
 use common::redis::{RedisCluster, RedisServer, free_port};
 use common::{
     CHAT, CLIENT, HMAC_SECRET, MockUpstream, PRODUCT, ServerProcess, TestApp, base_env, error_of, hmac_sign, jwt,
@@ -146,17 +147,24 @@ async fn keys_use_the_prefix_one_hash_tag_per_identity_and_expire() {
     assert_eq!(response.status(), 200);
 
     // Ids are hex-encoded: "demo" 64656d6f, "alice" 616c696365, "bob" 626f62, "desk" 6465736b.
+    // Day counters carry the UTC date (the default DAY_TIMEZONE) Redis's clock was in.
     let mut keys = redis.keys();
     keys.sort();
+    let date = keys
+        .iter()
+        .find_map(|k| k.strip_prefix("akstest:{c:x6465736b}:day:"))
+        .unwrap_or_else(|| panic!("no day key in {keys:?}"))
+        .to_owned();
+    assert!(utc_dates_around_now().contains(&date), "day key of {date}");
     let nonce_key = format!("akstest:{{c:x6465736b}}:nonce:x{}", hex::encode(&nonce));
     let mut expected = vec![
         "akstest:{c:x6465736b}:bucket".to_owned(),
-        "akstest:{c:x6465736b}:day".to_owned(),
+        format!("akstest:{{c:x6465736b}}:day:{date}"),
         nonce_key.clone(),
         "akstest:{p:x64656d6f:u:x616c696365}:bucket".to_owned(),
-        "akstest:{p:x64656d6f:u:x616c696365}:day".to_owned(),
+        format!("akstest:{{p:x64656d6f:u:x616c696365}}:day:{date}"),
         "akstest:{p:x64656d6f:u:x626f62}:bucket".to_owned(),
-        "akstest:{p:x64656d6f:u:x626f62}:day".to_owned(),
+        format!("akstest:{{p:x64656d6f:u:x626f62}}:day:{date}"),
     ];
     expected.sort();
     assert_eq!(keys, expected);
@@ -168,7 +176,7 @@ async fn keys_use_the_prefix_one_hash_tag_per_identity_and_expire() {
     // The day counter lives until the next UTC midnight plus a margin.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let midnight = i64::try_from(86_400 - now % 86_400).unwrap();
-    let day = ttl("akstest:{p:x64656d6f:u:x616c696365}:day");
+    let day = ttl(&format!("akstest:{{p:x64656d6f:u:x616c696365}}:day:{date}"));
     assert!(
         day > midnight && day <= midnight + 3_600 + 2,
         "day TTL {day}, midnight in {midnight}"
@@ -199,6 +207,123 @@ async fn the_daily_quota_is_shared_and_refuses_until_utc_midnight() {
     assert_eq!(error_of(refused).await.1, "daily_quota_exceeded");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The UTC dates of the moments a few seconds either side of now: a decision made at a
+/// midnight may count on either day.
+fn utc_dates_around_now() -> Vec<String> {
+    dates_around_now(0)
+}
+
+/// As [`utc_dates_around_now`], in a zone `offset` seconds east of UTC with no DST.
+fn dates_around_now(offset: i64) -> Vec<String> {
+    let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    [-5, 5]
+        .iter()
+        .map(|skew| DayZone::utc().day_at(now + offset + skew).key())
+        .collect()
+}
+
+#[tokio::test]
+async fn with_day_timezone_tokyo_the_redis_day_key_and_retry_after_follow_tokyo() {
+    const TOKYO: i64 = 9 * 3600; // Asia/Tokyo: UTC+9, no DST.
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::openai().await;
+    let extra = [
+        ("REDIS_PREFIX", "akstest"),
+        ("RATE_LIMIT_CAPACITY", "100"),
+        ("DAILY_QUOTA", "1"),
+        ("DAY_TIMEZONE", "Asia/Tokyo"),
+    ];
+    let app = spawn(&upstream, &redis.url(), &extra).await;
+    assert_eq!(chat_as(&app, "alice").await.status(), 200);
+    let refused = chat_as(&app, "alice").await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: i64 = header(&refused, "retry-after").parse().unwrap();
+    assert_eq!(error_of(refused).await.1, "daily_quota_exceeded");
+
+    // The counter's key carries the date in Tokyo (UTC+9 with no DST, computed here
+    // independently of the server's zone arithmetic).
+    let prefix = "akstest:{p:x64656d6f:u:x616c696365}:day:";
+    let keys = redis.keys();
+    let date = keys
+        .iter()
+        .find_map(|k| k.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no day key in {keys:?}"));
+    assert!(dates_around_now(TOKYO).iter().any(|d| d == date), "day key of {date}");
+    assert_eq!(redis.cli(&["GET", &format!("{prefix}{date}")]), "1");
+
+    // Retry-After counts to Tokyo's midnight (15:00 UTC), not UTC's: they are 9 or 15
+    // hours apart, far beyond the tolerance for the test's and Redis's clocks.
+    let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let to_midnight = 86_400 - (now + TOKYO) % 86_400;
+    // Distance on the day's circle: a decision at midnight may see either side of it.
+    let apart = |a: i64, b: i64| {
+        let d = (a - b).rem_euclid(86_400);
+        d.min(86_400 - d)
+    };
+    assert!(
+        apart(retry_after, to_midnight) <= 5,
+        "Retry-After {retry_after}, Tokyo's midnight in {to_midnight}"
+    );
+    // The key lives until that midnight plus the margin.
+    let ttl: i64 = redis.cli(&["TTL", &format!("{prefix}{date}")]).parse().unwrap();
+    assert!(
+        apart(ttl - 3_600, to_midnight) <= 5,
+        "TTL {ttl}, Tokyo's midnight in {to_midnight}"
+    );
+    app.shutdown().await;
+}
+
+/// Midnight seen from instances whose clocks differ from Redis's: the instance sends two
+/// consecutive days and their boundary from its own clock, and the script counts on the
+/// one Redis's `TIME` is in, with `Retry-After` to that day's end on Redis's clock.
+#[test]
+fn at_midnight_the_day_that_counts_is_the_one_on_redis_clock() {
+    let redis = RedisServer::start();
+    let script = include_str!("../src/limit/bucket.lua");
+    let redis_now = || -> i64 { redis.cli(&["TIME"]).lines().next().unwrap().parse().unwrap() };
+    // capacity 100, refill 100/s, quota 1; a call returns outcome, remaining, reset, retry.
+    let decide = |user: &str, boundary: i64, late_end: i64| -> Vec<i64> {
+        let (bucket, early, late) = (
+            format!("{{{user}}}:b"),
+            format!("{{{user}}}:early"),
+            format!("{{{user}}}:late"),
+        );
+        let (boundary, late_end) = (boundary.to_string(), late_end.to_string());
+        let args = [
+            "EVAL", script, "3", &bucket, &early, &late, "100", "100", "1", &boundary, &late_end,
+        ];
+        redis.cli(&args).lines().map(|l| l.parse().unwrap()).collect()
+    };
+    let count = |user: &str, day: &str| redis.cli(&["GET", &format!("{{{user}}}:{day}")]);
+
+    // An instance 30 s fast, already past its midnight: Redis's day has not ended, so the
+    // request counts on the earlier day, whose end is 30 s away on Redis's clock.
+    let t = redis_now();
+    assert_eq!(decide("fast", t + 30, t + 30 + 86_400)[0], 0);
+    assert_eq!(
+        (count("fast", "early").as_str(), count("fast", "late").as_str()),
+        ("1", "")
+    );
+    let refused = decide("fast", t + 30, t + 30 + 86_400);
+    assert_eq!(refused[0], 2, "quota exceeded");
+    assert!((25_000..=30_000).contains(&refused[3]), "retry {} ms", refused[3]);
+
+    // An instance 30 s slow, still before its midnight: Redis's next day has started, so
+    // the request counts on the later day, to the later day's end.
+    let t = redis_now();
+    assert_eq!(decide("slow", t - 30, t + 3_600)[0], 0);
+    assert_eq!(
+        (count("slow", "early").as_str(), count("slow", "late").as_str()),
+        ("", "1")
+    );
+    let refused = decide("slow", t - 30, t + 3_600);
+    assert_eq!(refused[0], 2, "quota exceeded");
+    assert!((3_595_000..=3_600_000).contains(&refused[3]), "retry {} ms", refused[3]);
+    // The counter expires an hour after its day ends, on Redis's clock.
+    let ttl: i64 = redis.cli(&["TTL", "{slow}:late"]).parse().unwrap();
+    assert!((7_190..=7_200).contains(&ttl), "TTL {ttl}");
 }
 
 #[tokio::test]

@@ -7,6 +7,9 @@
 //! recently admitted ones (see [`MAX_ENTRIES`]). It must never forget an identity whose
 //! daily quota is used up before its day ends: else a flood of new identities would hand
 //! it a fresh quota.
+//!
+//! Days are the caller's: each decision is given the [`Day`] (in `DAY_TIMEZONE`) that the
+//! moment belongs to, so this module knows nothing of time zones.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -14,12 +17,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{Decision, Key, Outcome, RateLimitHeaders};
+use crate::day::Day;
 // A poisoned shard only means a panic elsewhere mid-decision; its map is still valid.
 use crate::lock::lock;
 use crate::settings::Limits;
 
 const MICROS_PER_SECOND: f64 = 1_000_000.0;
-const SECONDS_PER_DAY: u64 = 86_400;
 
 /// The most identities held at once, all shards together. An entry costs roughly
 /// 150-250 bytes (key strings, the entry, the map's slot), so the cap bounds the limiter
@@ -43,28 +46,36 @@ pub(crate) struct Entry {
     pub at_us: u64,
     /// When the bucket is full again (unix microseconds): from then on it carries no state.
     pub full_at_us: u64,
-    /// The UTC day (days since the epoch) `used` counts.
-    pub day: u64,
+    /// The end (unix seconds) of the day that `used` counts: it names that day, as one
+    /// zone's days never share an end.
+    pub day_end: i64,
     pub used: u64,
-    /// `used` reached the daily quota on `day`.
+    /// `used` reached the daily quota on that day.
     pub used_up: bool,
 }
 
 impl Entry {
     /// True when this identity's quota is used up for `today`: it must be kept until the
     /// day ends, whatever else arrives.
-    fn is_used_up(&self, today: u64) -> bool {
-        self.used_up && self.day == today
+    fn is_used_up(&self, today: &Day) -> bool {
+        self.used_up && self.day_end == today.end
     }
 
-    /// True when forgetting this entry changes no future decision.
-    fn is_idle(&self, now_us: u64) -> bool {
-        now_us >= self.full_at_us && self.day < now_us / 1_000_000 / SECONDS_PER_DAY
+    /// True when forgetting this entry changes no future decision: its bucket is full
+    /// again and the day it counted is over.
+    fn is_idle(&self, now_us: u64, today: &Day) -> bool {
+        now_us >= self.full_at_us && self.day_end <= today.start
     }
 }
 
+/// Time from `now_us` until `day` ends (when its quota starts again).
+fn until_end(day: &Day, now_us: u64) -> Duration {
+    let end_us = u64::try_from(day.end).unwrap_or(0).saturating_mul(1_000_000);
+    Duration::from_micros(end_us.saturating_sub(now_us))
+}
+
 /// One decision on an identity's bucket and daily counter at `now_us` (unix
-/// microseconds). Returns the decision and the entry to store when admitted (a refusal
+/// microseconds), which belongs to `today`. Returns the decision and the entry to store when admitted (a refusal
 /// takes nothing: the state stays as it was).
 #[allow(
     clippy::cast_precision_loss,
@@ -72,17 +83,16 @@ impl Entry {
     clippy::cast_sign_loss,
     reason = "token counts and microsecond spans are far below 2^52; floats are floored/ceiled on purpose"
 )]
-pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64) -> (Decision, Option<Entry>) {
+pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64, today: &Day) -> (Decision, Option<Entry>) {
     let capacity = f64::from(limits.capacity.get());
     let rate = limits.refill_per_second;
-    let today = now_us / 1_000_000 / SECONDS_PER_DAY;
     let (tokens, used) = match entry {
         None => (capacity, 0),
         Some(e) => {
             // A clock that steps back refills nothing rather than taking tokens away.
             let elapsed = now_us.saturating_sub(e.at_us) as f64 / MICROS_PER_SECOND;
             let tokens = (e.tokens + elapsed * rate).min(capacity);
-            (tokens, if e.day == today { e.used } else { 0 })
+            (tokens, if e.day_end == today.end { e.used } else { 0 })
         }
     };
     let headers = |tokens: f64| RateLimitHeaders {
@@ -92,11 +102,10 @@ pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64) -> (Deci
     };
     // When both refuse, the daily quota answers (contract: "Order of checks").
     if used >= limits.daily_quota.get() {
-        let midnight_us = (today + 1) * SECONDS_PER_DAY * 1_000_000;
         let decision = Decision {
             outcome: Outcome::QuotaExceeded,
             headers: headers(tokens),
-            retry_after: Duration::from_micros(midnight_us - now_us),
+            retry_after: until_end(today, now_us),
         };
         return (decision, None);
     }
@@ -114,7 +123,7 @@ pub(crate) fn step(entry: Option<&Entry>, limits: &Limits, now_us: u64) -> (Deci
         tokens,
         at_us: now_us,
         full_at_us: now_us.saturating_add(to_full_us.min(u64::MAX as f64) as u64),
-        day: today,
+        day_end: today.end,
         used: used + 1,
         used_up: used + 1 >= limits.daily_quota.get(),
     };
@@ -130,10 +139,10 @@ struct Shard {
     entries: HashMap<Key, Entry>,
     /// The size at which the next insert sweeps idle entries first.
     sweep_at: usize,
-    /// The day on which this shard was found full of used-up identities: it stays so
-    /// until that day ends (none can be forgotten, none can be added), so inserts that
-    /// day are refused without scanning the shard again.
-    full_on_day: Option<u64>,
+    /// The end of the day on which this shard was found full of used-up identities: it
+    /// stays so until that day ends (none can be forgotten, none can be added), so
+    /// inserts that day are refused without scanning the shard again.
+    full_on_day: Option<i64>,
 }
 
 /// Buckets and daily counters of every identity this instance decided in memory.
@@ -175,21 +184,22 @@ impl MemoryLimiter {
         }
     }
 
-    /// Decides one request of `key` at `now_us` (unix microseconds).
+    /// Decides one request of `key` at `now_us` (unix microseconds), which belongs to
+    /// `today` (the day in `DAY_TIMEZONE`).
     ///
     /// A new identity whose shard is full of identities with a used-up quota cannot be
     /// remembered, and admitting it unremembered would leave it unlimited: it is refused
     /// as rate limited until the day ends, when those identities may be forgotten.
-    pub fn decide(&self, key: &Key, limits: &Limits, now_us: u64) -> Decision {
+    pub fn decide(&self, key: &Key, limits: &Limits, now_us: u64, today: &Day) -> Decision {
         let mut shard = self.shard(key);
-        let (decision, entry) = step(shard.entries.get(key), limits, now_us);
+        let (decision, entry) = step(shard.entries.get(key), limits, now_us, today);
         if let Some(entry) = entry {
             if let Some(slot) = shard.entries.get_mut(key) {
                 *slot = entry;
-            } else if shard.make_room(now_us, self.shard_cap) {
+            } else if shard.make_room(now_us, today, self.shard_cap) {
                 shard.entries.insert(key.clone(), entry);
             } else {
-                return no_room(limits, now_us);
+                return no_room(limits, now_us, today);
             }
         }
         decision
@@ -213,15 +223,14 @@ impl Shard {
     /// (amortised: the threshold doubles), and when it is still at its cap evict the
     /// least recently admitted eighth of the identities whose quota is not used up.
     /// False when there is still no room: every identity left has used up its quota.
-    fn make_room(&mut self, now_us: u64, cap: usize) -> bool {
+    fn make_room(&mut self, now_us: u64, today: &Day, cap: usize) -> bool {
         if self.entries.len() < self.sweep_at {
             return true;
         }
-        let today = now_us / 1_000_000 / SECONDS_PER_DAY;
-        if self.full_on_day == Some(today) {
+        if self.full_on_day == Some(today.end) {
             return false;
         }
-        self.entries.retain(|_, e| !e.is_idle(now_us));
+        self.entries.retain(|_, e| !e.is_idle(now_us, today));
         if self.entries.len() >= cap {
             let mut ages: Vec<u64> = self
                 .entries
@@ -238,15 +247,14 @@ impl Shard {
         }
         self.sweep_at = (self.entries.len() * 2).clamp(FIRST_SWEEP.min(cap), cap);
         let room = self.entries.len() < cap;
-        self.full_on_day = (!room).then_some(today);
+        self.full_on_day = (!room).then_some(today.end);
         room
     }
 }
 
 /// The refusal of a new identity that cannot be remembered: until the day ends.
-fn no_room(limits: &Limits, now_us: u64) -> Decision {
-    let today = now_us / 1_000_000 / SECONDS_PER_DAY;
-    let to_midnight = Duration::from_micros((today + 1) * SECONDS_PER_DAY * 1_000_000 - now_us);
+fn no_room(limits: &Limits, now_us: u64, today: &Day) -> Decision {
+    let to_midnight = until_end(today, now_us);
     Decision {
         outcome: Outcome::RateLimited,
         headers: RateLimitHeaders {
@@ -267,8 +275,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::day::DayZone;
 
     const SEC: u64 = 1_000_000;
+    const SECONDS_PER_DAY: u64 = 86_400;
     /// 2024-05-01T12:00:00Z in microseconds.
     const NOON: u64 = (19_844 * SECONDS_PER_DAY + 12 * 3600) * SEC;
 
@@ -278,6 +288,16 @@ mod tests {
             refill_per_second: rate,
             daily_quota: NonZeroU64::new(quota).unwrap(),
         }
+    }
+
+    /// The UTC day of `now_us`.
+    fn utc_day(now_us: u64) -> Day {
+        DayZone::utc().day_at(i64::try_from(now_us / SEC).unwrap())
+    }
+
+    /// A decision at `now_us` with UTC days.
+    fn decide(m: &MemoryLimiter, key: &Key, l: &Limits, now_us: u64) -> Decision {
+        m.decide(key, l, now_us, &utc_day(now_us))
     }
 
     fn user(name: &str) -> Key {
@@ -292,20 +312,20 @@ mod tests {
         let m = MemoryLimiter::new();
         let l = limits(3, 0.5, 1000);
         for left in [2, 1, 0] {
-            let d = m.decide(&user("a"), &l, NOON);
+            let d = decide(&m, &user("a"), &l, NOON);
             assert_eq!(d.outcome, Outcome::Admitted);
             assert_eq!(d.headers.remaining, left);
             assert_eq!(d.headers.limit, 3);
         }
-        let d = m.decide(&user("a"), &l, NOON);
+        let d = decide(&m, &user("a"), &l, NOON);
         assert_eq!(d.outcome, Outcome::RateLimited);
         assert_eq!(d.retry_after, Duration::from_secs(2));
         assert_eq!(d.headers.reset, Duration::from_secs(6));
         // 1.5 s later: 0.75 token, still refused, 0.5 s to go.
-        let d = m.decide(&user("a"), &l, NOON + 3 * SEC / 2);
+        let d = decide(&m, &user("a"), &l, NOON + 3 * SEC / 2);
         assert_eq!(d.outcome, Outcome::RateLimited);
         assert_eq!(d.retry_after, Duration::from_millis(500));
-        let d = m.decide(&user("a"), &l, NOON + 2 * SEC);
+        let d = decide(&m, &user("a"), &l, NOON + 2 * SEC);
         assert_eq!(d.outcome, Outcome::Admitted);
         assert_eq!(d.headers.remaining, 0);
     }
@@ -314,36 +334,36 @@ mod tests {
     fn fractional_refill_accumulates() {
         let m = MemoryLimiter::new();
         let l = limits(1, 0.25, 1000);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
         for s in 1..4 {
-            assert_eq!(m.decide(&user("a"), &l, NOON + s * SEC).outcome, Outcome::RateLimited);
+            assert_eq!(decide(&m, &user("a"), &l, NOON + s * SEC).outcome, Outcome::RateLimited);
         }
-        assert_eq!(m.decide(&user("a"), &l, NOON + 4 * SEC).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, NOON + 4 * SEC).outcome, Outcome::Admitted);
     }
 
     #[test]
     fn the_daily_quota_refuses_until_utc_midnight_and_then_resets() {
         let m = MemoryLimiter::new();
         let l = limits(100, 100.0, 2);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
-        let d = m.decide(&user("a"), &l, NOON);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
+        let d = decide(&m, &user("a"), &l, NOON);
         assert_eq!(d.outcome, Outcome::QuotaExceeded);
         assert_eq!(d.retry_after, Duration::from_secs(12 * 3600));
         let midnight = NOON + 12 * 3600 * SEC;
-        assert_eq!(m.decide(&user("a"), &l, midnight - 1).outcome, Outcome::QuotaExceeded);
-        assert_eq!(m.decide(&user("a"), &l, midnight).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, midnight - 1).outcome, Outcome::QuotaExceeded);
+        assert_eq!(decide(&m, &user("a"), &l, midnight).outcome, Outcome::Admitted);
     }
 
     #[test]
     fn when_both_refuse_the_quota_answers_and_nothing_is_taken() {
         let m = MemoryLimiter::new();
         let l = limits(1, 1.0, 1);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
-        let d = m.decide(&user("a"), &l, NOON);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
+        let d = decide(&m, &user("a"), &l, NOON);
         assert_eq!(d.outcome, Outcome::QuotaExceeded);
         // Next day, the bucket was not charged by the refusals.
-        let d = m.decide(&user("a"), &l, NOON + 12 * 3600 * SEC);
+        let d = decide(&m, &user("a"), &l, NOON + 12 * 3600 * SEC);
         assert_eq!(d.outcome, Outcome::Admitted);
     }
 
@@ -351,11 +371,11 @@ mod tests {
     fn identities_are_independent() {
         let m = MemoryLimiter::new();
         let l = limits(1, 0.001, 1000);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::RateLimited);
-        assert_eq!(m.decide(&user("b"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::RateLimited);
+        assert_eq!(decide(&m, &user("b"), &l, NOON).outcome, Outcome::Admitted);
         assert_eq!(
-            m.decide(&Key::Client(Arc::from("a")), &l, NOON).outcome,
+            decide(&m, &Key::Client(Arc::from("a")), &l, NOON).outcome,
             Outcome::Admitted
         );
     }
@@ -364,8 +384,11 @@ mod tests {
     fn a_clock_stepping_back_refills_nothing() {
         let m = MemoryLimiter::new();
         let l = limits(1, 1.0, 1000);
-        assert_eq!(m.decide(&user("a"), &l, NOON).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&user("a"), &l, NOON - 10 * SEC).outcome, Outcome::RateLimited);
+        assert_eq!(decide(&m, &user("a"), &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(
+            decide(&m, &user("a"), &l, NOON - 10 * SEC).outcome,
+            Outcome::RateLimited
+        );
     }
 
     #[test]
@@ -374,23 +397,23 @@ mod tests {
         let l = limits(2, 1.0, 1_000_000);
         // Yesterday's identities, full again: swept as new ones arrive.
         for i in 0..5_000 {
-            m.decide(&user(&format!("old-{i}")), &l, NOON - SECONDS_PER_DAY * SEC);
+            decide(&m, &user(&format!("old-{i}")), &l, NOON - SECONDS_PER_DAY * SEC);
         }
         for i in 0..5_000 {
-            m.decide(&user(&format!("new-{i}")), &l, NOON);
+            decide(&m, &user(&format!("new-{i}")), &l, NOON);
         }
         assert!(m.len() < 6_000, "idle identities were swept: {} left", m.len());
         // A flood of distinct users within one day cannot pass the cap.
         for i in 0..(MAX_ENTRIES + MAX_ENTRIES / 2) {
             let now = NOON + i as u64;
-            m.decide(&user(&format!("flood-{i}")), &l, now);
+            decide(&m, &user(&format!("flood-{i}")), &l, now);
         }
         assert!(m.len() <= MAX_ENTRIES, "{} entries", m.len());
         // The identity admitted last is still limited.
         let last = user(&format!("flood-{}", MAX_ENTRIES + MAX_ENTRIES / 2 - 1));
         let now = NOON + (MAX_ENTRIES + MAX_ENTRIES / 2) as u64;
-        assert_eq!(m.decide(&last, &l, now).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&last, &l, now).outcome, Outcome::RateLimited);
+        assert_eq!(decide(&m, &last, &l, now).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &last, &l, now).outcome, Outcome::RateLimited);
     }
 
     #[test]
@@ -398,24 +421,24 @@ mod tests {
         let m = MemoryLimiter::with_max_entries(SHARDS * 8);
         let l = limits(10, 1.0, 2);
         let victim = user("victim");
-        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::Admitted);
-        assert_eq!(m.decide(&victim, &l, NOON).outcome, Outcome::QuotaExceeded);
+        assert_eq!(decide(&m, &victim, &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &victim, &l, NOON).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &victim, &l, NOON).outcome, Outcome::QuotaExceeded);
         // Twenty times the cap of new identities, each admitted once (quota not used up):
         // the least recently admitted go, the victim is never among them.
         for i in 0..SHARDS * 8 * 20 {
             let now = NOON + 1 + i as u64;
             assert_eq!(
-                m.decide(&user(&format!("flood-{i}")), &l, now).outcome,
+                decide(&m, &user(&format!("flood-{i}")), &l, now).outcome,
                 Outcome::Admitted
             );
         }
         assert!(m.len() <= SHARDS * 8, "{} entries", m.len());
         let later = NOON + SEC;
-        assert_eq!(m.decide(&victim, &l, later).outcome, Outcome::QuotaExceeded);
+        assert_eq!(decide(&m, &victim, &l, later).outcome, Outcome::QuotaExceeded);
         // Its day ends: then it may be forgotten, and its quota starts again anyway.
         let midnight = NOON + 12 * 3600 * SEC;
-        assert_eq!(m.decide(&victim, &l, midnight).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &victim, &l, midnight).outcome, Outcome::Admitted);
     }
 
     #[test]
@@ -426,7 +449,7 @@ mod tests {
         let l = limits(10, 1.0, 1);
         let mut admitted = Vec::new();
         for i in 0..SHARDS * 40 {
-            let d = m.decide(&user(&format!("u-{i}")), &l, NOON);
+            let d = decide(&m, &user(&format!("u-{i}")), &l, NOON);
             match d.outcome {
                 Outcome::Admitted => admitted.push(i),
                 Outcome::RateLimited => {
@@ -441,12 +464,52 @@ mod tests {
         // The used-up ones stay refused by their quota, not forgotten.
         for i in &admitted {
             assert_eq!(
-                m.decide(&user(&format!("u-{i}")), &l, NOON + SEC).outcome,
+                decide(&m, &user(&format!("u-{i}")), &l, NOON + SEC).outcome,
                 Outcome::QuotaExceeded
             );
         }
         let midnight = NOON + 12 * 3600 * SEC;
-        assert_eq!(m.decide(&user("next-day"), &l, midnight).outcome, Outcome::Admitted);
+        assert_eq!(decide(&m, &user("next-day"), &l, midnight).outcome, Outcome::Admitted);
+    }
+
+    #[test]
+    fn used_up_identities_are_kept_until_the_zones_day_ends_not_utcs() {
+        // Tokyo: 16:00 UTC is 01:00 local; UTC's midnight falls at 09:00 in the same
+        // Tokyo day, which ends at 15:00 UTC.
+        let tokyo = DayZone::new("Asia/Tokyo").unwrap();
+        let decide = |m: &MemoryLimiter, key: &Key, l: &Limits, now_us: u64| {
+            m.decide(key, l, now_us, &tokyo.day_at(i64::try_from(now_us / SEC).unwrap()))
+        };
+        let start = NOON + 4 * 3600 * SEC;
+        let tokyo_end = NOON + 27 * 3600 * SEC;
+        let m = MemoryLimiter::with_max_entries(SHARDS);
+        let l = limits(10, 1.0, 1);
+        // Fill every shard with used-up identities.
+        let mut used_up = Vec::new();
+        for i in 0..SHARDS * 40 {
+            if decide(&m, &user(&format!("u-{i}")), &l, start).outcome == Outcome::Admitted {
+                used_up.push(i);
+            }
+        }
+        assert_eq!(used_up.len(), SHARDS);
+        // Past UTC's midnight they are still used up and still held: no room for others,
+        // and the refusal counts to Tokyo's midnight.
+        let after_utc_midnight = NOON + 12 * 3600 * SEC + SEC;
+        for i in &used_up {
+            let d = decide(&m, &user(&format!("u-{i}")), &l, after_utc_midnight);
+            assert_eq!(d.outcome, Outcome::QuotaExceeded);
+            assert_eq!(d.retry_after, Duration::from_micros(tokyo_end - after_utc_midnight));
+        }
+        let d = decide(&m, &user("newcomer"), &l, after_utc_midnight);
+        assert_eq!(d.outcome, Outcome::RateLimited);
+        assert_eq!(d.retry_after, Duration::from_micros(tokyo_end - after_utc_midnight));
+        // Tokyo's day ends: their quota is back, and room is made for newcomers.
+        assert_eq!(decide(&m, &user("newcomer"), &l, tokyo_end).outcome, Outcome::Admitted);
+        let i = used_up[0];
+        assert_eq!(
+            decide(&m, &user(&format!("u-{i}")), &l, tokyo_end).outcome,
+            Outcome::Admitted
+        );
     }
 
     #[test]
@@ -458,7 +521,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..25 {
-                        if m.decide(&user("a"), &l, NOON).outcome == Outcome::Admitted {
+                        if decide(&m, &user("a"), &l, NOON).outcome == Outcome::Admitted {
                             admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -483,7 +546,7 @@ mod tests {
             let mut admitted = 0u64;
             for gap in gaps {
                 now += gap;
-                let (d, next) = step(entry.as_ref(), &l, now);
+                let (d, next) = step(entry.as_ref(), &l, now, &utc_day(now));
                 match d.outcome {
                     Outcome::Admitted => {
                         admitted += 1;
