@@ -6,7 +6,7 @@
 //! The body is read as a list of top-level members whose values stay raw JSON text, so
 //! nothing the proxy does not check is ever decoded or re-encoded: unchanged bodies are
 //! forwarded as their original bytes, and changed ones are the original members, in
-//! order, with the changes the contract names ([`Rewrite`]).
+//! order, with the changes the contract names (`Rewrite`).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -61,11 +61,11 @@ pub struct Metering {
 /// How to validate: what depends on the product and on whether a budget applies.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// A budget applies to the request: what cannot be reserved or metered is refused
-    /// ([`budgeted`]).
+    /// A budget applies to the request: `background`, a non-default `service_tier` and
+    /// audio output are refused, their cost being neither reservable nor metered.
     pub budgeted: bool,
-    /// The product's upstream takes `stream_options` (its `stream_usage`): chat streams
-    /// ask it for usage ([`stream_usage`]).
+    /// The product's upstream takes `stream_options` (its `stream_usage`): the forwarded
+    /// body of a chat stream asks for usage.
     pub stream_usage: bool,
 }
 
