@@ -20,9 +20,10 @@ pub(super) const RESPONSES_PARTS: [&str; 3] = ["input_image", "input_file", "inp
 /// Whether `raw` (valid JSON) holds, at any depth, a `"type"` member whose value is one of
 /// `types`.
 pub(super) fn has_part(raw: &str, types: &[&str]) -> bool {
-    // Without an escape, a part's type is spelled out in the text: most bodies (text
-    // only) need no scan.
-    if !raw.contains('\\') && !types.iter().any(|kind| raw.contains(kind)) {
+    // Unless a `\u` escape spells it, a part's type is in the text as it is (the names
+    // are letters and `_`, which no other escape yields): most bodies, text only, need
+    // no scan, even with `\n` in their text.
+    if !raw.contains("\\u") && !types.iter().any(|kind| raw.contains(kind)) {
         return false;
     }
     let b = raw.as_bytes();
