@@ -84,13 +84,13 @@ fn bearer(user: &str) -> HeaderMap {
 #[divan::bench]
 fn validate_unchanged_body(bencher: Bencher) {
     let body = Bytes::from_static(CHAT.as_bytes());
-    bencher.bench(|| validate::chat(divan::black_box(&body), &SETTINGS.policy).unwrap());
+    bencher.bench(|| validate::chat(divan::black_box(&body), &SETTINGS.policy, validate::Options::default()).unwrap());
 }
 
 #[divan::bench]
 fn validate_body_with_default_tokens(bencher: Bencher) {
     let body = Bytes::from_static(CHAT_DEFAULTED.as_bytes());
-    bencher.bench(|| validate::chat(divan::black_box(&body), &SETTINGS.policy).unwrap());
+    bencher.bench(|| validate::chat(divan::black_box(&body), &SETTINGS.policy, validate::Options::default()).unwrap());
 }
 
 /// A verifier with an empty cache each time: parsing, RSA-2048 verification, claims.

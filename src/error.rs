@@ -227,6 +227,8 @@ impl ApiError {
                             "input" => "input must be a string or an array.",
                             "tools" => "tools must be an array.",
                             "previous_response_id" => "previous_response_id must be a string.",
+                            "n" => "n must be an integer.",
+                            "stream_options" => "stream_options must be an object whose include_usage is a boolean.",
                             _ => "The token limit must be an integer.",
                         },
                         Some(p),
@@ -254,7 +256,15 @@ impl ApiError {
                     ),
                     V::Unsupported(p) => (
                         "unsupported_parameter",
-                        "This parameter names state the upstream keeps for every user of this product; it is not supported.",
+                        match p {
+                            // Refused only while a budget applies (contract, validation).
+                            "background" | "service_tier" | "modalities" | "audio" => {
+                                "This parameter's cost cannot be reserved or metered; it is not supported while a budget applies."
+                            }
+                            _ => {
+                                "This parameter names state the upstream keeps for every user of this product; it is not supported."
+                            }
+                        },
                         Some(p),
                     ),
                     V::TooLarge(p) => (

@@ -256,7 +256,7 @@ proptest! {
         })
         .unwrap()
         .policy;
-        let got = validate::chat(&body, &policy);
+        let got = validate::chat(&body, &policy, validate::Options::default());
         let want = if duplicate && !members.is_empty() { Err(("invalid_json", None)) } else { expected(&members) };
         match (&got, want) {
             (Ok(request), Ok(())) => {

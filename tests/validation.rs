@@ -166,7 +166,7 @@ async fn default_tokens_field_can_be_max_completion_tokens() {
 #[tokio::test]
 async fn unchanged_bodies_are_forwarded_byte_for_byte_whatever_the_content_type() {
     let (upstream, app) = app(&[]).await;
-    let body = "{ \"model\" : \"gpt-4o\",\n \"messages\": [{\"role\":\"user\",\"content\":\"h\\u00e9\"}], \"max_tokens\": 7, \"n\": 1.0e0 }";
+    let body = "{ \"model\" : \"gpt-4o\",\n \"messages\": [{\"role\":\"user\",\"content\":\"h\\u00e9\"}], \"max_tokens\": 7, \"top_p\": 1.0e0 }";
     let response = app
         .client
         .post(app.url("/v1/chat/completions"))
@@ -189,6 +189,44 @@ async fn unchanged_bodies_are_forwarded_byte_for_byte_whatever_the_content_type(
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn n_and_stream_options_rules() {
+    let (upstream, app) = app(&[]).await;
+    let with = |member: &str| format!(r#"{{"model":"gpt-4o",{MSG},"stream":true,{member}}}"#);
+    expect_400(&app, &with(r#""n":1.0"#), "invalid_type", Some("n")).await;
+    expect_400(&app, &with(r#""n":129"#), "invalid_value", Some("n")).await;
+    expect_400(
+        &app,
+        &with(r#""stream_options":true"#),
+        "invalid_type",
+        Some("stream_options"),
+    )
+    .await;
+    assert!(upstream.requests().is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn chat_streams_ask_the_upstream_for_usage_unless_the_product_says_not() {
+    let upstream = MockUpstream::openai().await;
+    let stream = format!(r#"{{"model":"gpt-4o",{MSG},"stream":true,"max_tokens":5}}"#);
+    let app = TestApp::spawn(&upstream.url(), &[]).await;
+    assert_eq!(app.chat(&stream).await.status(), 200);
+    let asked =
+        format!(r#"{{"model":"gpt-4o",{MSG},"stream":true,"max_tokens":5,"stream_options":{{"include_usage":true}}}}"#);
+    assert_eq!(upstream.last().body, asked.as_bytes());
+    app.shutdown().await;
+
+    let upstreams = format!(
+        r#"{{"demo":{{"base_url":"http://{}/v1","stream_usage":false}}}}"#,
+        upstream.addr
+    );
+    let app = TestApp::spawn(&upstream.url(), &[("PRODUCT_UPSTREAMS", &upstreams)]).await;
+    assert_eq!(app.chat(&stream).await.status(), 200);
+    assert_eq!(upstream.last().body, stream.as_bytes());
     app.shutdown().await;
 }
 

@@ -113,7 +113,7 @@ fn policy() -> &'static Policy {
 /// satisfies every rule, and is what the client sent or that plus the default limit.
 pub fn validate_body(data: &[u8]) {
     let body = Bytes::copy_from_slice(data);
-    let Ok(request) = validate::chat(&body, policy()) else {
+    let Ok(request) = validate::chat(&body, policy(), validate::Options::default()) else {
         return;
     };
     // Members as raw text: values the proxy skips may nest deeper than serde_json's

@@ -32,7 +32,11 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
         Err(error) => return ApiError::from(error).into(),
     };
     let result = async {
-        let chat = validate::chat(&body, settings.policy_for(&identity.product))?;
+        let options = validate::Options {
+            budgeted: false,
+            stream_usage: settings.stream_usage(&identity.product),
+        };
+        let chat = validate::chat(&body, settings.policy_for(&identity.product), options)?;
         let grant = app.limiter.admit(&identity).await?;
         // Authentication only yields products, and every product has an upstream; a miss
         // here is a defect.

@@ -28,7 +28,11 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         Err(error) => return ApiError::from(error).into(),
     };
     let result = async {
-        let body = validate::embeddings(&body, settings.policy_for(&identity.product))?;
+        let options = validate::Options {
+            budgeted: false,
+            stream_usage: settings.stream_usage(&identity.product),
+        };
+        let body = validate::embeddings(&body, settings.policy_for(&identity.product), options)?.body;
         let grant = app.limiter.admit(&identity).await?;
         // Budget seam: reserve the input here (contract "Budgets"), settle from `usage`.
         let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;

@@ -25,7 +25,11 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
     };
     let owner = Owner::of(&identity);
     let result = async {
-        let checked = validate::responses(&body, app.settings.policy_for(&identity.product))?;
+        let options = validate::Options {
+            budgeted: false,
+            stream_usage: app.settings.stream_usage(&identity.product),
+        };
+        let checked = validate::responses(&body, app.settings.policy_for(&identity.product), options)?;
         if let Some(previous) = &checked.previous_response_id {
             app.ownership.check(&owner, previous).await?;
         }

@@ -5,14 +5,25 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::{Members, ValidationError, check_model, check_temperature};
+use super::{Members, Metering, Options, ValidationError, check_model, check_temperature};
 use crate::settings::Policy;
 
 /// The most items `input` may hold.
 const MAX_INPUTS: usize = 2048;
 
-/// Checks an embeddings body and returns what to forward (the body itself).
-pub fn embeddings(body: &Bytes, policy: &Policy) -> Result<Bytes, ValidationError> {
+/// A validated embeddings request, ready to forward.
+#[derive(Debug)]
+pub struct EmbeddingsRequest {
+    /// The body to send upstream: always the one the client sent.
+    pub body: Bytes,
+    /// What the meter and the budget need of it (input only: no output, one "choice").
+    pub metering: Metering,
+}
+
+/// Checks an embeddings body and returns what to forward (the body itself). No option
+/// changes what an embeddings body may hold: it has no output to limit, no stream, no
+/// tool, and nothing a budget must refuse.
+pub fn embeddings(body: &Bytes, policy: &Policy, _: Options) -> Result<EmbeddingsRequest, ValidationError> {
     let Members(members) = serde_json::from_slice(body).map_err(|_| ValidationError::InvalidJson)?;
     let (mut model, mut input, mut dimensions, mut format, mut temperature) = (None, None, None, None, None);
     for (key, value) in &members {
@@ -26,7 +37,7 @@ pub fn embeddings(body: &Bytes, policy: &Policy) -> Result<Bytes, ValidationErro
             _ => {}
         }
     }
-    check_model(model, |m| policy.allows_embedding_model(m))?;
+    let model = check_model(model, |m| policy.allows_embedding_model(m))?;
     check_input(input.ok_or(ValidationError::Missing("input"))?)?;
     if let Some(raw) = dimensions
         && !(is_integer(raw) && !raw.starts_with('-') && !raw.bytes().all(|b| b == b'0'))
@@ -48,7 +59,16 @@ pub fn embeddings(body: &Bytes, policy: &Policy) -> Result<Bytes, ValidationErro
     if let Some(raw) = temperature {
         check_temperature(raw, policy)?;
     }
-    Ok(body.clone())
+    Ok(EmbeddingsRequest {
+        body: body.clone(),
+        metering: Metering {
+            model,
+            output_limit: 0,
+            n: 1,
+            needs_context_window: false,
+            client_asked_usage: false,
+        },
+    })
 }
 
 const INPUT_RULE: &str = "input must be a non-empty string, or a non-empty array of at most 2048 non-empty strings, integers or non-empty arrays of integers, all of one kind.";
@@ -122,7 +142,12 @@ mod tests {
     use super::*;
 
     fn check(body: &str) -> Result<Bytes, ValidationError> {
-        embeddings(&Bytes::copy_from_slice(body.as_bytes()), &test_policy())
+        embeddings(
+            &Bytes::copy_from_slice(body.as_bytes()),
+            &test_policy(),
+            Options::default(),
+        )
+        .map(|r| r.body)
     }
 
     fn input(value: &str) -> Result<Bytes, ValidationError> {
@@ -136,6 +161,27 @@ mod tests {
         for ok in [r#""a""#, "[1,2]", "[[1],[2,3]]", r#"["\n"]"#] {
             assert!(input(ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn metering_is_the_decoded_model_and_input_only() {
+        let body = r#"{"model":"text-embedding-3-\u0073mall","input":"a","max_tokens":9,"n":4}"#;
+        let budgeted = Options {
+            budgeted: true,
+            stream_usage: true,
+        };
+        let request = embeddings(&Bytes::from_static(body.as_bytes()), &test_policy(), budgeted).expect("valid");
+        assert_eq!(request.body, body.as_bytes());
+        assert_eq!(
+            request.metering,
+            Metering {
+                model: "text-embedding-3-small".into(),
+                output_limit: 0,
+                n: 1,
+                needs_context_window: false,
+                client_asked_usage: false,
+            }
+        );
     }
 
     #[test]

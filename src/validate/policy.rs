@@ -26,20 +26,30 @@ pub(super) enum Api {
 /// Forbidden at any depth when not `null`, with their own name as `param`.
 const FORBIDDEN: [&str; 4] = ["file_id", "file_ids", "vector_store_ids", "container_id"];
 
-/// Checks `tools` against `ALLOWED_TOOLS`, then the shared-object references.
+/// Tool types the client runs itself: their input is text the body carries. Any other
+/// type is hosted by the upstream, whose input the proxy cannot see (contract "Budgets").
+const CLIENT_TOOLS: [&str; 2] = ["function", "custom"];
+
+/// Checks `tools` against `ALLOWED_TOOLS`, then the shared-object references. Returns
+/// whether the body uses a hosted tool: a `tools` type other than `function`/`custom`,
+/// or chat's `web_search_options`.
 pub(super) fn check(
     members: &[(Cow<'_, str>, &RawValue)],
     body: &[u8],
     policy: &Policy,
     api: Api,
-) -> Result<(), ValidationError> {
+) -> Result<bool, ValidationError> {
+    let mut hosted = false;
     for (key, value) in members {
         let raw = value.get();
         match key.as_ref() {
-            "tools" => check_tools(raw, policy)?,
+            "tools" => hosted |= check_tools(raw, policy)?,
             // Chat's built-in search is a hosted tool by another name.
-            "web_search_options" if api == Api::Chat && raw != "null" && !policy.allows_tool("web_search") => {
-                return Err(ValidationError::ToolNotAllowed);
+            "web_search_options" if api == Api::Chat && raw != "null" => {
+                if !policy.allows_tool("web_search") {
+                    return Err(ValidationError::ToolNotAllowed);
+                }
+                hosted = true;
             }
             _ => {}
         }
@@ -58,7 +68,7 @@ pub(super) fn check(
     let text = body;
     let may_name = contains(text, b"_id") || contains(text, b"container") || text.contains(&b'\\');
     if !may_name {
-        return Ok(());
+        return Ok(hosted);
     }
     for (key, value) in members {
         let raw = value.get();
@@ -74,7 +84,7 @@ pub(super) fn check(
             scan(Label::of(key), raw)?;
         }
     }
-    Ok(())
+    Ok(hosted)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -92,21 +102,23 @@ struct Typed<'a> {
     kind: Option<Cow<'a, str>>,
 }
 
-/// Every entry of `tools` has a `type` in `ALLOWED_TOOLS`.
-fn check_tools(raw: &str, policy: &Policy) -> Result<(), ValidationError> {
+/// Every entry of `tools` has a `type` in `ALLOWED_TOOLS`. Returns whether one is hosted.
+fn check_tools(raw: &str, policy: &Policy) -> Result<bool, ValidationError> {
     if raw == "null" {
-        return Ok(());
+        return Ok(false);
     }
+    let mut hosted = false;
     let entries: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| ValidationError::InvalidType("tools"))?;
     for entry in entries {
         // An entry that is not an object, or has no string `type` (or two), has no
         // allowed type.
         let kind = serde_json::from_str::<Typed<'_>>(entry.get()).ok().and_then(|t| t.kind);
-        if !kind.is_some_and(|kind| policy.allows_tool(&kind)) {
-            return Err(ValidationError::ToolNotAllowed);
+        match kind {
+            Some(kind) if policy.allows_tool(&kind) => hosted |= !CLIENT_TOOLS.contains(&kind.as_ref()),
+            _ => return Err(ValidationError::ToolNotAllowed),
         }
     }
-    Ok(())
+    Ok(hosted)
 }
 
 /// No input item of type `item_reference` (a stored item, found by id alone).
@@ -232,7 +244,7 @@ fn scan(member: Label, raw: &str) -> Result<(), ValidationError> {
 }
 
 /// The index after the string that starts (with its quote) at `start`.
-fn string_end(b: &[u8], start: usize) -> usize {
+pub(super) fn string_end(b: &[u8], start: usize) -> usize {
     let mut i = start + 1;
     while i < b.len() {
         match b[i] {
@@ -244,7 +256,7 @@ fn string_end(b: &[u8], start: usize) -> usize {
     b.len()
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
+pub(super) fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while i < b.len() && b[i].is_ascii_whitespace() {
         i += 1;
     }
@@ -288,7 +300,7 @@ fn skip_value(b: &[u8], start: usize) -> usize {
 }
 
 /// A key's text, its escapes decoded (`"file\u005fid"` is `file_id`).
-fn key_text(quoted: &str) -> Cow<'_, str> {
+pub(super) fn key_text(quoted: &str) -> Cow<'_, str> {
     let inner = &quoted[1..quoted.len().saturating_sub(1).max(1)];
     if inner.contains('\\') {
         Cow::Owned(serde_json::from_str::<String>(quoted).unwrap_or_default())
@@ -302,7 +314,7 @@ mod tests {
     use super::super::{Members, test_policy};
     use super::*;
 
-    fn run(body: &str, api: Api) -> Result<(), ValidationError> {
+    fn run(body: &str, api: Api) -> Result<bool, ValidationError> {
         let Members(members) = serde_json::from_str(body).expect("object");
         check(&members, body.as_bytes(), &test_policy(), api)
     }
@@ -310,7 +322,7 @@ mod tests {
     fn unsupported(body: &str) -> Option<&'static str> {
         match run(body, Api::Responses) {
             Err(ValidationError::Unsupported(name)) => Some(name),
-            Ok(()) => None,
+            Ok(_) => None,
             Err(other) => panic!("{body}: {other:?}"),
         }
     }
@@ -363,7 +375,7 @@ mod tests {
         );
         let body = tools(r#"{"type":"code_interpreter","container":{"type":"auto"}}"#);
         let Members(m) = serde_json::from_str(&body).expect("x");
-        assert_eq!(check(&m, body.as_bytes(), &policy, Api::Responses), Ok(()));
+        assert_eq!(check(&m, body.as_bytes(), &policy, Api::Responses), Ok(true));
         assert_eq!(
             unsupported(r#"{"input":[{"type":"item_reference","id":"msg_1"}]}"#),
             Some("input")
@@ -379,7 +391,7 @@ mod tests {
 
     #[test]
     fn tools_must_have_an_allowed_type() {
-        assert_eq!(run(r#"{"tools":[{"type":"function"}]}"#, Api::Chat), Ok(()));
+        assert_eq!(run(r#"{"tools":[{"type":"function"}]}"#, Api::Chat), Ok(false));
         for tools in [
             r#"[{"type":"web_search"}]"#,
             r#"[{"name":"x"}]"#,
@@ -401,6 +413,32 @@ mod tests {
             run(r#"{"tools":{}}"#, Api::Chat),
             Err(ValidationError::InvalidType("tools"))
         );
+    }
+
+    #[test]
+    fn hosted_tools_are_told_from_client_tools() {
+        let mut policy = test_policy();
+        policy
+            .allowed_tools
+            .extend(["web_search".into(), "file_search".into(), "mcp".into()]);
+        let run = |body: &str, api: Api| {
+            let Members(m) = serde_json::from_str(body).expect("object");
+            check(&m, body.as_bytes(), &policy, api)
+        };
+        for (body, hosted) in [
+            (r#"{"tools":[{"type":"function"},{"type":"custom"}]}"#, false),
+            (r#"{"tools":null,"web_search_options":null}"#, false),
+            (r#"{"x":1}"#, false),
+            (r#"{"tools":[{"type":"function"},{"type":"web_search"}]}"#, true),
+            (r#"{"tools":[{"type":"mcp"}]}"#, true),
+            (r#"{"tools":[{"type":"file\u005fsearch"}]}"#, true),
+        ] {
+            assert_eq!(run(body, Api::Responses), Ok(hosted), "{body}");
+            assert_eq!(run(body, Api::Chat), Ok(hosted), "{body}");
+        }
+        // Chat's built-in search is a hosted tool; in a responses body it means nothing.
+        assert_eq!(run(r#"{"web_search_options":{}}"#, Api::Chat), Ok(true));
+        assert_eq!(run(r#"{"web_search_options":{}}"#, Api::Responses), Ok(false));
     }
 
     #[test]

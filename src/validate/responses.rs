@@ -1,10 +1,14 @@
 //! `POST /v1/responses` bodies: the chat rules where they apply (`model`, `temperature`,
-//! the tool and shared-object policy), `input`, and `max_output_tokens` with its default.
+//! the tool and shared-object policy, the refusals while a budget applies), `input`, and
+//! `max_output_tokens` with its default.
 
 use bytes::Bytes;
 
 use super::policy::{self, Api};
-use super::{MaybeBorrowed, Members, ValidationError, check_model, check_temperature, check_token_range, with_limit};
+use super::{
+    MaybeBorrowed, Members, Metering, Options, Rewrite, ValidationError, budgeted, check_model, check_temperature,
+    check_token_range, context_window,
+};
 use crate::settings::Policy;
 
 const MAX_OUTPUT_TOKENS: &str = "max_output_tokens";
@@ -20,10 +24,12 @@ pub struct ResponsesRequest {
     pub stream: bool,
     /// The stored response this one continues: the caller must own it.
     pub previous_response_id: Option<String>,
+    /// What the meter and the budget need of it.
+    pub metering: Metering,
 }
 
 /// Checks a Responses body and returns what to forward.
-pub fn responses(body: &Bytes, policy: &Policy) -> Result<ResponsesRequest, ValidationError> {
+pub fn responses(body: &Bytes, policy: &Policy, options: Options) -> Result<ResponsesRequest, ValidationError> {
     let Members(members) = serde_json::from_slice(body).map_err(|_| ValidationError::InvalidJson)?;
     let (mut model, mut input, mut limit, mut temperature, mut previous) = (None, None, None, None, None);
     let mut stream = false;
@@ -40,14 +46,14 @@ pub fn responses(body: &Bytes, policy: &Policy) -> Result<ResponsesRequest, Vali
         }
     }
 
-    check_model(model, |m| policy.allows_model(m))?;
+    let model = check_model(model, |m| policy.allows_model(m))?;
     let input = input.ok_or(ValidationError::Missing("input"))?;
     if !input.starts_with(['"', '[']) {
         return Err(ValidationError::InvalidType("input"));
     }
-    if let Some(raw) = limit {
-        check_token_range(MAX_OUTPUT_TOKENS, raw, MIN_OUTPUT_TOKENS, policy)?;
-    }
+    let limit = limit
+        .map(|raw| check_token_range(MAX_OUTPUT_TOKENS, raw, MIN_OUTPUT_TOKENS, policy))
+        .transpose()?;
     if let Some(raw) = temperature {
         check_temperature(raw, policy)?;
     }
@@ -60,19 +66,30 @@ pub fn responses(body: &Bytes, policy: &Policy) -> Result<ResponsesRequest, Vali
                 .into_owned(),
         ),
     };
-    policy::check(&members, body, policy, Api::Responses)?;
-    // Budget seam: the budget rules that apply only while a budget does (`background`,
-    // `service_tier`, audio output) belong here, with the budget's settings.
+    let hosted_tool = policy::check(&members, body, policy, Api::Responses)?;
+    if options.budgeted {
+        budgeted::check(&members)?;
+    }
 
-    let body = if limit.is_some() {
-        body.clone()
-    } else {
-        with_limit(&members, body.len(), &[MAX_OUTPUT_TOKENS], MAX_OUTPUT_TOKENS, policy)
-    };
+    let mut rewrite = Rewrite::default();
+    let output_limit = limit.unwrap_or_else(|| {
+        rewrite.dropped.push(MAX_OUTPUT_TOKENS);
+        rewrite
+            .added
+            .push((MAX_OUTPUT_TOKENS, policy.max_tokens.get().to_string().into_bytes()));
+        policy.max_tokens.get()
+    });
     Ok(ResponsesRequest {
-        body,
+        body: rewrite.apply(&members, body),
         stream,
         previous_response_id,
+        metering: Metering {
+            model,
+            output_limit: u64::from(output_limit),
+            n: 1,
+            needs_context_window: hosted_tool || context_window::has_part(input, &context_window::RESPONSES_PARTS),
+            client_asked_usage: false,
+        },
     })
 }
 
@@ -82,7 +99,11 @@ mod tests {
     use super::*;
 
     fn check(body: &str) -> Result<ResponsesRequest, ValidationError> {
-        responses(&Bytes::copy_from_slice(body.as_bytes()), &test_policy())
+        responses(
+            &Bytes::copy_from_slice(body.as_bytes()),
+            &test_policy(),
+            Options::default(),
+        )
     }
 
     fn text(request: &ResponsesRequest) -> &str {
@@ -144,5 +165,88 @@ mod tests {
                 .previous_response_id
                 .is_none()
         );
+    }
+
+    fn with(body: &str, options: Options) -> Result<ResponsesRequest, ValidationError> {
+        responses(&Bytes::copy_from_slice(body.as_bytes()), &test_policy(), options)
+    }
+
+    const BUDGETED: Options = Options {
+        budgeted: true,
+        stream_usage: true,
+    };
+
+    #[test]
+    fn metering_has_the_decoded_model_and_the_forwarded_limit() {
+        let r = check(r#"{"model":"gpt-4o-\u006dini","input":"x","max_output_tokens":100,"n":3}"#).expect("valid");
+        assert_eq!(
+            r.metering,
+            Metering {
+                model: "gpt-4o-mini".into(),
+                output_limit: 100,
+                n: 1,
+                needs_context_window: false,
+                client_asked_usage: false,
+            }
+        );
+        let r = check(r#"{"model":"gpt-4o","input":"x"}"#).expect("valid");
+        assert_eq!(r.metering.output_limit, 2048, "the default added counts");
+    }
+
+    #[test]
+    fn images_files_audio_and_hosted_tools_need_the_context_window() {
+        let needs = |body: &str| {
+            let mut policy = test_policy();
+            policy.allowed_tools.push("web_search".into());
+            responses(&Bytes::copy_from_slice(body.as_bytes()), &policy, Options::default())
+                .expect(body)
+                .metering
+                .needs_context_window
+        };
+        for kind in ["input_image", "input_file", "input_audio"] {
+            let body = format!(
+                r#"{{"model":"gpt-4o","input":[{{"role":"user","content":[{{"type":"{kind}","image_url":"u"}}]}}]}}"#
+            );
+            assert!(needs(&body), "{body}");
+        }
+        assert!(needs(
+            r#"{"model":"gpt-4o","input":"x","tools":[{"type":"web_search"}]}"#
+        ));
+        assert!(!needs(
+            r#"{"model":"gpt-4o","input":"x","tools":[{"type":"function","name":"f"}]}"#
+        ));
+        assert!(!needs(
+            r#"{"model":"gpt-4o","input":[{"role":"user","content":[{"type":"input_text","text":"input_image"}]}]}"#
+        ));
+        // A part type named outside `input` is no input part.
+        assert!(!needs(r#"{"model":"gpt-4o","input":"x","x":{"type":"input_image"}}"#));
+    }
+
+    #[test]
+    fn what_a_budget_cannot_reserve_is_refused_only_while_one_applies() {
+        for (member, param) in [
+            (r#""background":true"#, "background"),
+            (r#""service_tier":"priority""#, "service_tier"),
+            (r#""modalities":["audio"]"#, "modalities"),
+            (r#""audio":{"voice":"alloy"}"#, "audio"),
+        ] {
+            let body = format!(r#"{{"model":"gpt-4o","input":"x",{member}}}"#);
+            assert_eq!(
+                with(&body, BUDGETED).expect_err(&body),
+                ValidationError::Unsupported(param)
+            );
+            assert!(with(&body, Options::default()).is_ok(), "{body}");
+        }
+        let body = r#"{"model":"gpt-4o","input":"x","background":false,"service_tier":"auto","max_output_tokens":16}"#;
+        assert_eq!(with(body, BUDGETED).expect("valid").body, body.as_bytes());
+    }
+
+    #[test]
+    fn streams_are_not_rewritten_for_usage() {
+        // Responses streams carry usage in their last event, unasked.
+        let body = r#"{"model":"gpt-4o","input":"x","stream":true,"max_output_tokens":16}"#;
+        let r = with(body, BUDGETED).expect("valid");
+        assert_eq!(r.body, body.as_bytes());
+        assert!(!r.metering.client_asked_usage);
     }
 }
