@@ -35,7 +35,7 @@ pub struct App {
     pub limiter: Limiter,
     pub upstream: Upstreams,
     pub models: Models,
-    pub ownership: Ownership,
+    pub ownership: Arc<Ownership>,
     pub budgets: Budgets,
 }
 
@@ -53,7 +53,7 @@ impl App {
                 settings.clock.clone(),
                 store.clone(),
             ),
-            ownership: Ownership::new(store),
+            ownership: Arc::new(Ownership::new(store)),
             upstream: Upstreams::new(&settings),
             models: Models::new(&settings),
             settings,

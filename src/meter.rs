@@ -128,12 +128,14 @@ pub struct Meter {
     pub prices: Option<Prices>,
     pub reserved: Reserved,
     pub budget: Option<(Budgets, Admission)>,
+    /// Told the settled input + output tokens.
+    pub settled: Option<Box<dyn FnOnce(u64) + Send>>,
 }
 
 impl Meter {
     /// The figures from `usage` (or the reservation's when there is none), written for the
     /// log line and the metrics; returns what the budget settles.
-    fn figures(&self, usage: Option<Usage>) -> Nanos {
+    fn figures(&mut self, usage: Option<Usage>) -> Nanos {
         let figures = match usage {
             Some(usage) => Figures {
                 input_tokens: usage.input_tokens,
@@ -159,6 +161,9 @@ impl Meter {
             figures.cost.map(|c| c.0),
         );
         *lock(&self.log) = Some(figures);
+        if let Some(settled) = self.settled.take() {
+            settled(figures.input_tokens.saturating_add(figures.output_tokens));
+        }
         // A reservation charged instead of usage is the reservation itself, priced at
         // admission (the same prices unless the settings changed in between).
         match (&self.budget, usage) {
@@ -201,7 +206,7 @@ impl MeteredBody {
     /// The body ended or failed: figures now, and the settlement to run before the end
     /// reaches the client.
     fn finish(&mut self) {
-        let Some(meter) = self.meter.take() else { return };
+        let Some(mut meter) = self.meter.take() else { return };
         let cost = meter.figures(self.reader.usage());
         if let Some((budgets, admission)) = meter.budget {
             self.settling = Some(Box::pin(async move { budgets.settle(admission, cost).await }));
@@ -288,7 +293,7 @@ impl HttpBody for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         // Dropped before its end (the client went away): settle on a task of its own.
-        if let Some(meter) = self.meter.take() {
+        if let Some(mut meter) = self.meter.take() {
             let cost = meter.figures(self.reader.usage());
             if let Some((budgets, admission)) = meter.budget {
                 budgets.settle_later(admission, cost);

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use common::redis::RedisServer;
-use common::{CHAT, MockUpstream, TestApp, jwt};
+use common::{CHAT, MockUpstream, TestApp, jwt, jwt_claims};
 use http::HeaderValue;
 use tokio::sync::watch;
 
@@ -213,7 +213,7 @@ async fn spend_is_settled_from_the_reported_usage_and_a_request_that_cannot_fit_
     );
 
     // Another user has a budget of their own.
-    let other = chat_as(&app, "bob", big).await;
+    let other = chat_as(&app, "bob", CHAT).await;
     assert_eq!(other.status(), 200);
     assert_eq!(header(&other, "x-budget-remaining-usd").as_deref(), Some("0.001"));
 }
@@ -223,9 +223,10 @@ async fn concurrent_requests_are_admitted_only_while_their_reservations_fit() {
     let upstream = Upstream::start().await;
     let body = body_for("hold", 100);
     let each = reservation(&body, 100);
-    // Room for three reservations, not four.
-    let budget = 4 * each - 1;
-    let budget_text = usd(budget.div_ceil(1_000) * 1_000);
+    // Room for three reservations, not four (amounts here are whole micro-USD).
+    assert_eq!(each % 1_000, 0);
+    let budget = 4 * each - 1_000;
+    let budget_text = usd(budget);
     let app = Arc::new(app(&upstream, &[("DAILY_BUDGET_USD", &budget_text)]).await);
 
     let mut requests = Vec::new();
@@ -260,7 +261,6 @@ async fn concurrent_requests_are_admitted_only_while_their_reservations_fit() {
     // Settled at their usage: the next one sees three usages spent.
     let after = chat_as(&app, common::USER, &body_for("x", 100)).await;
     assert_eq!(after.status(), 200);
-    let budget = budget.div_ceil(1_000) * 1_000;
     assert_eq!(
         header(&after, "x-budget-remaining-usd"),
         Some(usd(budget - 3 * USAGE_COST))
@@ -336,17 +336,35 @@ async fn the_budget_starts_again_at_midnight_in_the_day_time_zone() {
     let upstream = Upstream::start().await;
     // 14:59:50 UTC is 23:59:50 in Tokyo.
     let clock = ManualClock::at(Duration::from_secs(1_796_655_590));
-    let mut overrides = vec![("MODEL_PRICES", PRICES), ("DAILY_BUDGET_USD", "0.0001")];
+    let mut overrides = vec![("MODEL_PRICES", PRICES), ("DAILY_BUDGET_USD", "0.001")];
     overrides.push(("DAY_TIMEZONE", "Asia/Tokyo"));
     let app = TestApp::spawn_with_clock(&upstream.mock.url(), &overrides, clock.clock()).await;
-    let big = body_for("x", 2048);
-    let refused = chat_as(&app, "dave", &big).await;
+    // Tokens of the manual clock's time.
+    let token = |at: u64| {
+        jwt_claims(&serde_json::json!({"sub": "dave", "product": common::PRODUCT, "iat": at, "exp": at + 300}))
+    };
+    let send = |token: String, body: String| {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = send(token(1_796_655_590), CHAT.to_owned()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+    let _ = first.bytes().await.unwrap();
+    let refused = send(token(1_796_655_590), body_for("x", 2048)).await.unwrap();
     assert_eq!(refused.status(), 429);
     assert_eq!(header(&refused, "retry-after").as_deref(), Some("10"));
-    let _ = app.chat(CHAT).await.bytes().await.unwrap();
+    assert_eq!(
+        header(&refused, "x-budget-remaining-usd"),
+        Some(usd(1_000_000 - USAGE_COST))
+    );
     clock.advance(Duration::from_secs(10));
-    let next = chat_as(&app, common::USER, CHAT).await;
-    assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.0001"));
+    let next = send(token(1_796_655_600), CHAT.to_owned()).await.unwrap();
+    assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.001"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,7 +373,7 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
     let redis = RedisServer::start();
     let body = body_for("hold", 100);
     let each = reservation(&body, 100);
-    let budget = (5 * each - 1).div_ceil(1_000) * 1_000;
+    let budget = 5 * each - 1_000;
     let budget_text = usd(budget);
     let overrides = [("DAILY_BUDGET_USD", budget_text.as_str()), ("REDIS_URL", &redis.url())];
     let a = Arc::new(app(&upstream, &overrides).await);

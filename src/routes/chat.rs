@@ -5,7 +5,9 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::error::ApiError;
+use crate::meter::Reader;
 use crate::request::{self, Outcome};
+use crate::routes::metering::{self, Metered, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
@@ -14,8 +16,10 @@ use crate::validate;
 const PATH: &str = "/chat/completions";
 
 /// Body (413, 408) -> authentication (401, 403) -> validation (400, against the
-/// product's models) -> limits (429) -> the product's upstream (its credential: 502
-/// `upstream_credentials_unavailable`; then the call). Every answer after the limit decision carries the bucket's headers.
+/// product's models) -> limits (429) -> budgets (429 `budget_exceeded`) -> the product's
+/// upstream (its credential: 502 `upstream_credentials_unavailable`; then the call) ->
+/// the answer, metered as it passes. Every answer after the limit decision carries the
+/// bucket's headers, and after the budget decision the budget's.
 pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
     let (parts, body) = request.into_parts();
     let settings = &app.settings;
@@ -32,15 +36,28 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
         Err(error) => return ApiError::from(error).into(),
     };
     let result = async {
+        let product = &identity.product;
+        let budgeted = metering::budgeted(app, &identity);
         let options = validate::Options {
-            budgeted: false,
-            stream_usage: settings.stream_usage(&identity.product),
+            budgeted,
+            stream_usage: settings.stream_usage(product),
         };
-        let chat = validate::chat(&body, settings.policy_for(&identity.product), options)?;
+        let chat = validate::chat(&body, settings.policy_for(product), options)?;
+        let prices = app.budgets.settings().prices_of(&chat.metering.model);
+        let worst = Worst::of(&chat.metering, chat.body.len(), 0, "messages");
+        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
+        let metered = match Metered::admit(app, &identity, &chat.metering.model, reserved).await {
+            Ok(metered) => metered,
+            Err(refused) => {
+                let mut outcome = metering::refused(refused);
+                grant.headers.write(outcome.response.headers_mut());
+                return Ok(outcome);
+            }
+        };
         // Authentication only yields products, and every product has an upstream; a miss
         // here is a defect.
-        let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
+        let upstream = app.upstream.of(product).ok_or(ApiError::Internal)?;
         let call = Call {
             method: Method::POST,
             path: PATH,
@@ -49,7 +66,13 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
             client_headers: &parts.headers,
         };
         let forwarded = upstream.forward(call).await;
-        let mut outcome = forwarded.map_or_else(Outcome::from, Outcome::from);
+        // The usage chunk the proxy asked for is taken out when the client did not.
+        let reader = if chat.stream {
+            Reader::chat(options.stream_usage && !chat.metering.client_asked_usage)
+        } else {
+            Reader::json()
+        };
+        let mut outcome = metered.outcome(app, forwarded, reader).await;
         grant.headers.write(outcome.response.headers_mut());
         Ok(outcome)
     };

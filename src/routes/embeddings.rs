@@ -5,13 +5,15 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::error::ApiError;
+use crate::meter::Reader;
 use crate::request::{self, Outcome};
+use crate::routes::metering::{self, Metered, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
 
 /// Body (413, 408) -> authentication (401, 403) -> validation (400) -> limits (429) ->
-/// [budget] -> upstream.
+/// budgets (429 `budget_exceeded`) -> upstream -> the answer, metered as it passes.
 pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
     let (parts, body) = request.into_parts();
     let settings = &app.settings;
@@ -28,23 +30,36 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         Err(error) => return ApiError::from(error).into(),
     };
     let result = async {
+        let product = &identity.product;
+        let budgeted = metering::budgeted(app, &identity);
         let options = validate::Options {
-            budgeted: false,
-            stream_usage: settings.stream_usage(&identity.product),
+            budgeted,
+            stream_usage: settings.stream_usage(product),
         };
-        let body = validate::embeddings(&body, settings.policy_for(&identity.product), options)?.body;
+        let embeddings = validate::embeddings(&body, settings.policy_for(product), options)?;
+        let prices = app.budgets.settings().prices_of(&embeddings.metering.model);
+        // Input only: the output limit of an embeddings request is 0.
+        let worst = Worst::of(&embeddings.metering, embeddings.body.len(), 0, "input");
+        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
-        // Budget seam: reserve the input here (contract "Budgets"), settle from `usage`.
-        let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
+        let metered = match Metered::admit(app, &identity, &embeddings.metering.model, reserved).await {
+            Ok(metered) => metered,
+            Err(refused) => {
+                let mut outcome = metering::refused(refused);
+                grant.headers.write(outcome.response.headers_mut());
+                return Ok(outcome);
+            }
+        };
+        let upstream = app.upstream.of(product).ok_or(ApiError::Internal)?;
         let call = Call {
             method: Method::POST,
             path: request::upstream_path(&parts.uri),
-            body: Some(body),
+            body: Some(embeddings.body),
             request_id: &id.0,
             client_headers: &parts.headers,
         };
         let forwarded = upstream.forward(call).await;
-        let mut outcome = forwarded.map_or_else(Outcome::from, Outcome::from);
+        let mut outcome = metered.outcome(app, forwarded, Reader::json()).await;
         grant.headers.write(outcome.response.headers_mut());
         Ok(outcome)
     };

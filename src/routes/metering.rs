@@ -15,8 +15,9 @@ use crate::budget::admission::{Admission, BudgetHeaders};
 use crate::budget::price::Prices;
 use crate::error::ApiError;
 use crate::meter::{Meter, MeterLog, MeteredBody, Reader, Reserved};
-use crate::upstream::{Cause, UpstreamFailure};
-use crate::validate::ValidationError;
+use crate::request::Outcome;
+use crate::upstream::{Cause, Forwarded, UpstreamFailure};
+use crate::validate::{Metering, ValidationError};
 
 /// What the reservation is computed from (contract: "Reservation").
 pub struct Worst<'a> {
@@ -34,6 +35,21 @@ pub struct Worst<'a> {
     pub needs_context_window: bool,
     /// The parameter a refusal for an unknown context window names.
     pub input_param: &'static str,
+}
+
+impl<'a> Worst<'a> {
+    /// From what validation found; `previous_tokens` from the ownership record.
+    pub fn of(metering: &'a Metering, body_bytes: usize, previous_tokens: u64, input_param: &'static str) -> Self {
+        Self {
+            model: &metering.model,
+            body_bytes,
+            previous_tokens,
+            output_limit: metering.output_limit,
+            n: metering.n,
+            needs_context_window: metering.needs_context_window,
+            input_param,
+        }
+    }
 }
 
 /// Whether a budget applies to `identity`'s requests (then validation refuses what
@@ -77,6 +93,7 @@ pub struct Metered {
     prices: Option<Prices>,
     reserved: Reserved,
     admission: Option<Admission>,
+    settled: Option<Box<dyn FnOnce(u64) + Send>>,
 }
 
 impl Metered {
@@ -111,43 +128,72 @@ impl Metered {
             prices,
             reserved,
             admission,
+            settled: None,
         })
     }
 
     /// The `x-budget-*` headers of the caller's (product, user) budget, if it has one.
-    pub fn write_headers(&self, headers: &mut HeaderMap) {
+    fn write_headers(&self, headers: &mut HeaderMap) {
         if let Some(budget) = &self.headers {
             budget.write(headers);
         }
     }
 
-    /// The upstream gave no usable answer: nothing was sent (no credential, no
-    /// connection), which costs 0; or the body was sent and no status came, which costs
-    /// the reservation.
-    pub async fn failed(&mut self, app: &App, failure: &UpstreamFailure) {
-        let Some(admission) = self.admission.take() else { return };
-        let sent = failure.cause.is_some_and(Cause::after_sending);
-        let cost = if sent { admission.amount } else { Nanos::ZERO };
-        app.budgets.settle(admission, cost).await;
+    /// Called with the response's settled input and output tokens when its body ends
+    /// (the ownership record of a created response keeps them).
+    pub fn on_settled(&mut self, hook: Box<dyn FnOnce(u64) + Send>) {
+        self.settled = Some(hook);
     }
 
-    /// The upstream answered with a status that is not 2xx: it costs nothing.
-    pub async fn refused_upstream(&mut self, app: &App) {
-        if let Some(admission) = self.admission.take() {
-            app.budgets.settle(admission, Nanos::ZERO).await;
-        }
-    }
-
-    /// A 2xx body: metered as it passes, settled when it ends.
-    pub fn meter(&mut self, app: &App, body: Body, reader: Reader) -> Body {
-        let meter = Meter {
-            product: Arc::clone(&self.product),
-            log: Arc::clone(&self.log.figures),
-            model: self.log.model.clone(),
-            prices: self.prices,
-            reserved: self.reserved,
-            budget: self.admission.take().map(|a| (app.budgets.clone(), a)),
+    /// The client's answer to the upstream's: a 2xx body metered as it passes and
+    /// settled when it ends (usage read by `reader`); any other status costs nothing;
+    /// no status at all costs the reservation once the body may have gone out.
+    pub async fn outcome(
+        mut self,
+        app: &App,
+        forwarded: Result<Forwarded, UpstreamFailure>,
+        reader: Reader,
+    ) -> Outcome {
+        let mut outcome = match forwarded {
+            Err(failure) => {
+                if let Some(admission) = self.admission.take() {
+                    let sent = failure.cause.is_some_and(Cause::after_sending);
+                    let cost = if sent { admission.amount } else { Nanos::ZERO };
+                    app.budgets.settle(admission, cost).await;
+                }
+                Outcome::from(failure)
+            }
+            Ok(forwarded) if (200..300).contains(&forwarded.status) => {
+                let mut outcome = Outcome::from(forwarded);
+                let body = std::mem::take(outcome.response.body_mut());
+                let meter = Meter {
+                    product: Arc::clone(&self.product),
+                    log: Arc::clone(&self.log.figures),
+                    model: self.log.model.clone(),
+                    prices: self.prices,
+                    reserved: self.reserved,
+                    budget: self.admission.take().map(|a| (app.budgets.clone(), a)),
+                    settled: self.settled.take(),
+                };
+                *outcome.response.body_mut() = Body::new(MeteredBody::new(body, reader, meter));
+                outcome
+            }
+            Ok(forwarded) => {
+                if let Some(admission) = self.admission.take() {
+                    app.budgets.settle(admission, Nanos::ZERO).await;
+                }
+                Outcome::from(forwarded)
+            }
         };
-        Body::new(MeteredBody::new(body, reader, meter))
+        self.write_headers(outcome.response.headers_mut());
+        outcome.log.meter = Some(self.log);
+        outcome
     }
+}
+
+/// The answer to a request a budget refused, with its log fields.
+pub fn refused((error, log): (ApiError, MeterLog)) -> Outcome {
+    let mut outcome = Outcome::from(error);
+    outcome.log.meter = Some(log);
+    outcome
 }

@@ -2,6 +2,8 @@
 //! /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`), each reachable only by
 //! the response's owner ([`crate::ownership`]).
 
+use std::sync::{Arc, OnceLock};
+
 use http::request::Parts;
 use http::{Method, Request};
 use hyper::body::Incoming;
@@ -9,15 +11,18 @@ use hyper::body::Incoming;
 use crate::app::{App, RESPONSES_PREFIX};
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::meter::Reader;
 use crate::ownership::Owner;
 use crate::request::{self, Outcome};
+use crate::routes::metering::{self, Metered, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
 
 /// Body (413, 408) -> authentication (401, 403) -> validation (400) -> ownership of
-/// `previous_response_id` (404, 503) -> limits (429) -> [budget] -> upstream; the created
-/// response's id is recorded for its owner before the client sees it.
+/// `previous_response_id` (404, 503) -> limits (429) -> budgets (429 `budget_exceeded`)
+/// -> upstream -> the answer, metered as it passes; the created response's id is
+/// recorded for its owner before the client sees it.
 pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
     let (parts, identity, body) = match authenticate(app, request).await {
         Ok(authenticated) => authenticated,
@@ -25,17 +30,39 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
     };
     let owner = Owner::of(&identity);
     let result = async {
+        let product = &identity.product;
+        let budgeted = metering::budgeted(app, &identity);
         let options = validate::Options {
-            budgeted: false,
-            stream_usage: app.settings.stream_usage(&identity.product),
+            budgeted,
+            stream_usage: app.settings.stream_usage(product),
         };
-        let checked = validate::responses(&body, app.settings.policy_for(&identity.product), options)?;
-        if let Some(previous) = &checked.previous_response_id {
-            app.ownership.check(&owner, previous).await?;
-        }
+        let checked = validate::responses(&body, app.settings.policy_for(product), options)?;
+        let previous_tokens = match &checked.previous_response_id {
+            Some(previous) => app.ownership.check(&owner, previous).await?,
+            None => 0,
+        };
+        let prices = app.budgets.settings().prices_of(&checked.metering.model);
+        let worst = Worst::of(&checked.metering, checked.body.len(), previous_tokens, "input");
+        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
-        // Budget seam: reserve here (contract "Budgets"), settle when the body ends.
-        let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
+        let mut metered = match Metered::admit(app, &identity, &checked.metering.model, reserved).await {
+            Ok(metered) => metered,
+            Err(refused) => {
+                let mut outcome = metering::refused(refused);
+                grant.headers.write(outcome.response.headers_mut());
+                return Ok(outcome);
+            }
+        };
+        // The record of the created response gets its settled token count once the body
+        // ends (the reservation's until then): what a request continuing it reserves.
+        let created: Arc<OnceLock<String>> = Arc::default();
+        let (ownership, record_owner, record_id) = (Arc::clone(&app.ownership), owner.clone(), Arc::clone(&created));
+        metered.on_settled(Box::new(move |tokens| {
+            if let (Some(id), Ok(runtime)) = (record_id.get().cloned(), tokio::runtime::Handle::try_current()) {
+                runtime.spawn(async move { ownership.set_tokens(&record_owner, &id, tokens).await });
+            }
+        }));
+        let upstream = app.upstream.of(product).ok_or(ApiError::Internal)?;
         let call = Call {
             method: Method::POST,
             path: request::upstream_path(&parts.uri),
@@ -43,18 +70,23 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             request_id: &id.0,
             client_headers: &parts.headers,
         };
-        let mut outcome = match upstream.forward(call).await {
-            Err(failure) => failure.into(),
-            Ok(forwarded) if (200..300).contains(&forwarded.status) => {
-                let mut outcome = Outcome::from(forwarded);
-                let response = std::mem::take(&mut outcome.response);
-                let (response, created) = app.ownership.record_created(&owner, response, 0).await;
-                outcome.response = response;
-                outcome.log.response_id = created.map(String::into_boxed_str);
-                outcome
-            }
-            Ok(forwarded) => Outcome::from(forwarded),
+        let forwarded = upstream.forward(call).await;
+        let reader = if checked.stream {
+            Reader::responses()
+        } else {
+            Reader::json()
         };
+        let mut outcome = metered.outcome(app, forwarded, reader).await;
+        if outcome.response.status().is_success() {
+            let response = std::mem::take(&mut outcome.response);
+            let tokens = reserved.input_tokens.saturating_add(reserved.output_tokens);
+            let (response, id) = app.ownership.record_created(&owner, response, tokens).await;
+            outcome.response = response;
+            if let Some(id) = &id {
+                let _ = created.set(id.clone());
+            }
+            outcome.log.response_id = id.map(String::into_boxed_str);
+        }
         grant.headers.write(outcome.response.headers_mut());
         Ok(outcome)
     };
@@ -86,7 +118,7 @@ pub async fn stored(app: &App, request: Request<Incoming>, id: &RequestId, actio
         let response_id = response_id.ok_or(ApiError::ResponseNotFound)?;
         app.ownership.check(&owner, response_id).await?;
         let grant = app.limiter.admit(&identity).await?;
-        // Budget seam: these calls cost no tokens; nothing to reserve.
+        // These calls cost no tokens: no budget decision.
         let upstream = app.upstream.of(&identity.product).ok_or(ApiError::Internal)?;
         let method = match action {
             Stored::Get | Stored::InputItems => Method::GET,
