@@ -21,7 +21,9 @@ ROWS = [
     ("jwt-responses", "proxy: JWT, Responses API"),
     ("jwt-embeddings", "proxy: JWT, embeddings"),
     ("jwt-new", "proxy: JWT, every token new (RSA verify each)"),
+    ("jwt-budget", "proxy: JWT, budgets on (never refusing), in memory"),
     ("jwt-redis", "proxy: JWT (cached), Redis limits"),
+    ("jwt-redis-budget", "proxy: JWT, Redis limits and budgets (never refusing)"),
     ("hmac", "proxy: HMAC, fresh nonce each, in-memory limits"),
 ]
 PROXY_ROWS = ["jwt-memory", "jwt-new", "jwt-redis", "hmac"]
@@ -171,6 +173,13 @@ def main():
     redis_ratio = ratio(jr.get("rps"), jm.get("rps"))
     target("JWT + Redis: req/s vs JWT + memory", fmt_ratio(redis_ratio), "≥ 0.60×",
            redis_ratio is not None and redis_ratio >= 0.6)
+    jb, jrb = by_label.get("jwt-budget", {}), by_label.get("jwt-redis-budget", {})
+    budget_ratio = ratio(jb.get("rps"), jm.get("rps"))
+    target("Budgets, memory: req/s vs JWT + memory", fmt_ratio(budget_ratio), "≥ 0.90×",
+           budget_ratio is not None and budget_ratio >= 0.9)
+    redis_budget_ratio = ratio(jrb.get("rps"), jr.get("rps"))
+    target("Budgets, Redis: req/s vs JWT + Redis", fmt_ratio(redis_budget_ratio), "≥ 0.90×",
+           redis_budget_ratio is not None and redis_budget_ratio >= 0.9)
     hmac_ratio = ratio(hm.get("rps"), jm.get("rps"))
     target("HMAC: req/s vs JWT + memory", fmt_ratio(hmac_ratio), "≥ 0.80×", hmac_ratio is not None and hmac_ratio >= 0.8)
     idle = [get(f"{r}/idle", "rss_kib") for r in PROXY_ROWS if get(f"{r}/idle", "rss_kib")]

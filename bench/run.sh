@@ -281,6 +281,18 @@ for api in responses embeddings; do
   stop "$proxy_pid"
 done
 
+# Budgets on and never refusing (a budget no request comes near): what metering,
+# reservation and settlement cost per request, against jwt-memory above.
+budget_env=(API_KEY_SERVER_MODEL_PRICES='{"gpt-4o":{"input":2.5,"output":10,"cached_input":1.25},"gpt-4o-mini":{"input":0.15,"output":0.6},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}'
+  API_KEY_SERVER_DAILY_BUDGET_USD=1000000000)
+start_proxy jwt-budget "${budget_env[@]}"
+measure jwt-budget "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+if ! grep -q '"budget_store":"memory"' "$out/jwt-budget.log"; then
+  echo "bench: the budget row did not meter with budgets; see $out/jwt-budget.log" >&2
+  exit 1
+fi
+stop "$proxy_pid"
+
 start_proxy jwt-new
 say "jwt-new"
 # Every request brings a token never seen before, so each costs an RSA verification; the
@@ -308,6 +320,15 @@ if command -v redis-server >/dev/null; then
   measure jwt-redis "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
   if ! grep -q 'connected to Redis' "$out/jwt-redis.log" || grep -q 'Redis unavailable' "$out/jwt-redis.log"; then
     echo "bench: the Redis row fell back to memory; see $out/jwt-redis.log" >&2
+    exit 1
+  fi
+  stop "$proxy_pid"
+  # Budgets in Redis: one script call to reserve and one to settle per request.
+  start_proxy jwt-redis-budget API_KEY_SERVER_REDIS_URL="redis://127.0.0.1:$redis_port" "${budget_env[@]}"
+  for _ in $(seq 100); do grep -q 'connected to Redis' "$out/jwt-redis-budget.log" && break; sleep 0.05; done
+  measure jwt-redis-budget "$proxy_url" "$proxy_pid" --mode jwt --tokens "$out/tokens.txt"
+  if ! grep -q '"budget_store":"redis"' "$out/jwt-redis-budget.log" || grep -q 'Redis unavailable' "$out/jwt-redis-budget.log"; then
+    echo "bench: the Redis budget row did not decide in Redis; see $out/jwt-redis-budget.log" >&2
     exit 1
   fi
   stop "$proxy_pid"

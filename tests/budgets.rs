@@ -422,3 +422,287 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
     assert_eq!(redis.cli(&["HGET", &spend[0], "spend"]), (4 * USAGE_COST).to_string());
     assert_eq!(redis.cli(&["HGET", &spend[0], "open"]), "0");
 }
+
+/// The (demo, `user`) budget hash in Redis.
+fn user_hash(redis: &RedisServer, user: &str) -> Option<String> {
+    let tag = format!("u:x{}", hex(user));
+    redis
+        .keys()
+        .into_iter()
+        .find(|k| k.contains(&tag) && k.contains(":budget:") && !k.ends_with(":due"))
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Waits (at most 10 s) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A day zone whose midnight is more than an hour away: a test that moves the clock by
+/// a minute stays on one day.
+fn zone_away_from_midnight() -> &'static str {
+    let seconds_of_day = common::now() % 86_400;
+    if (3_600..86_400 - 3_600).contains(&seconds_of_day) {
+        "UTC"
+    } else {
+        "Asia/Tokyo"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_when_it_is_back() {
+    let upstream = Upstream::start().await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let app = app(
+        &upstream,
+        &[
+            ("DAILY_BUDGET_USD", "0.001"),
+            ("BUDGET_OUTAGE_SHARE", "0.5"),
+            ("REDIS_URL", &url),
+            ("DAY_TIMEZONE", zone_away_from_midnight()),
+        ],
+    )
+    .await;
+    let each = reservation(CHAT, 16);
+    let first = app.chat(CHAT).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    let hash = user_hash(&redis, common::USER).expect("the budget lives in Redis");
+    assert_eq!(redis.cli(&["HGET", &hash, "spend"]), USAGE_COST.to_string());
+
+    redis.pause();
+    // Left when Redis last answered: the budget less the first request's reservation;
+    // this instance may admit half of it on its own. Each request below holds its
+    // reservation open (the upstream waits), so the allowance fills by reservations.
+    let left = 1_000_000 - each;
+    let allowance = left / 2;
+    let fit = allowance / each;
+    let body = body_for("hold", 16);
+    assert_eq!(reservation(&body, 16) % 1_000, 0);
+    let held_body = body.clone();
+    let held_each = reservation(&held_body, 16);
+    let fit_held = usize::try_from(allowance / held_each).unwrap();
+    assert!(fit >= 1 && fit_held >= 1);
+    let app = Arc::new(app);
+    let mut requests = Vec::new();
+    for _ in 0..fit_held + 2 {
+        let app = app.clone();
+        let body = held_body.clone();
+        requests.push(tokio::spawn(async move {
+            let response = chat_as(&app, common::USER, &body).await;
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }));
+    }
+    eventually("the admitted requests reach the upstream", || {
+        upstream.held.load(Ordering::SeqCst) >= fit_held
+    })
+    .await;
+    upstream.open();
+    let mut admitted = 0;
+    for request in requests {
+        if request.await.unwrap() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, fit_held, "the outage share bounds what one instance admits");
+
+    redis.resume();
+    // Once Redis answers again, what was spent meanwhile is added to the day's total.
+    let expected = (1 + admitted as u64) * USAGE_COST;
+    let mut probes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let total: u64 = redis.cli(&["HGET", &hash, "spend"]).parse().unwrap();
+        if total == expected {
+            break;
+        }
+        assert!(total < expected, "spend counted twice: {total} > {expected}");
+        assert!(tokio::time::Instant::now() < deadline, "Redis never got the outage spend: {total}");
+        // Another user's request makes the instance talk to Redis again.
+        probes += 1;
+        let probe = chat_as(&app, &format!("probe{probes}"), CHAT).await;
+        let _ = probe.bytes().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis.cli(&["HGET", &hash, "open"]), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reservations_of_an_instance_that_dies_are_charged_when_they_expire() {
+    let upstream = Upstream::start().await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let zone = zone_away_from_midnight();
+    let mut env = common::base_env(&upstream.mock.url());
+    for (name, value) in [
+        ("MODEL_PRICES", PRICES),
+        ("DAILY_BUDGET_USD", "0.01"),
+        ("BUDGET_RESERVATION_SECONDS", "60"),
+        ("REDIS_URL", &url),
+        ("DAY_TIMEZONE", zone),
+    ] {
+        common::set(&mut env, name, value);
+    }
+    let process = common::ServerProcess::start(&env).await;
+    let body = body_for("hold", 16);
+    let each = reservation(&body, 16);
+    let in_flight = {
+        let client = reqwest::Client::new();
+        let request = client
+            .post(process.url("/v1/chat/completions"))
+            .bearer_auth(jwt(common::PRODUCT, common::USER))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send();
+        tokio::spawn(request)
+    };
+    eventually("the request reaches the upstream", || upstream.held.load(Ordering::SeqCst) == 1).await;
+    let pid = process.child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(killed.success());
+    assert!(in_flight.await.unwrap().is_err() || upstream.held.load(Ordering::SeqCst) == 1);
+    let hash = user_hash(&redis, common::USER).expect("the reservation is in Redis");
+    assert_eq!(redis.cli(&["HGET", &hash, "open"]), each.to_string());
+
+    // Another instance, 61 s later: the reservation has expired and is charged in full.
+    let later = common::now() + 61;
+    let clock = ManualClock::at(Duration::from_secs(later));
+    let overrides = [
+        ("MODEL_PRICES", PRICES),
+        ("DAILY_BUDGET_USD", "0.01"),
+        ("BUDGET_RESERVATION_SECONDS", "60"),
+        ("REDIS_URL", url.as_str()),
+        ("DAY_TIMEZONE", zone),
+    ];
+    let other = TestApp::spawn_with_clock(&upstream.mock.url(), &overrides, clock.clock()).await;
+    let token = jwt_claims(&serde_json::json!({"sub": common::USER, "product": common::PRODUCT, "iat": later, "exp": later + 300}));
+    let response = other
+        .client
+        .post(other.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(CHAT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-budget-remaining-usd"),
+        Some(usd(10_000_000 - each))
+    );
+    let _ = response.bytes().await.unwrap();
+    assert_eq!(redis.cli(&["HGET", &hash, "open"]), "0");
+    assert_eq!(redis.cli(&["HGET", &hash, "spend"]), (each + USAGE_COST).to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_line_carries_usage_cost_reservation_and_the_refusing_scope() {
+    let upstream = Upstream::start().await;
+    let mut env = common::base_env(&upstream.mock.url());
+    for (name, value) in [("MODEL_PRICES", PRICES), ("DAILY_BUDGET_USD", "0.001")] {
+        common::set(&mut env, name, value);
+    }
+    let process = common::ServerProcess::start(&env).await;
+    let client = reqwest::Client::new();
+    let send = |body: String| {
+        client
+            .post(process.url("/v1/chat/completions"))
+            .bearer_auth(jwt(common::PRODUCT, common::USER))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let ok = send(CHAT.to_owned()).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let _ = ok.bytes().await.unwrap();
+    let refused = send(body_for("x", 2048)).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let _ = refused.bytes().await.unwrap();
+
+    let lines = |status: u64| {
+        process
+            .output()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["path"] == "/v1/chat/completions" && l["status"] == status)
+            .collect::<Vec<_>>()
+    };
+    eventually("both lines are written", || !lines(200).is_empty() && !lines(429).is_empty()).await;
+    let line = &lines(200)[0];
+    assert_eq!(line["model"], "gpt-4o");
+    assert_eq!(line["input_tokens"], 10);
+    assert_eq!(line["cached_tokens"], 4);
+    assert_eq!(line["output_tokens"], 5);
+    assert_eq!(line["cost_usd"].to_string(), "0.000018");
+    assert_eq!(line["reservation_usd"].to_string(), usd(reservation(CHAT, 16)));
+    assert_eq!(line["budget_store"], "memory");
+    assert!(line.get("usage_estimated").is_none());
+    assert!(line.get("budget_scope").is_none());
+    let line = &lines(429)[0];
+    assert_eq!(line["error"], "budget_exceeded");
+    assert_eq!(line["budget_scope"], "user");
+    assert_eq!(line["model"], "gpt-4o");
+    assert!(line.get("cost_usd").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_reserved_is_refused_while_a_budget_applies() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[("DAILY_BUDGET_USD", "1")]).await;
+    let image = r#"{"model":"gpt-4o","max_tokens":16,"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}}]}]}"#;
+    let refused = app.chat(image).await;
+    assert_eq!(refused.status(), 400);
+    let (_, code, param) = common::error_of(refused).await;
+    assert_eq!((code.as_str(), param.as_deref()), ("unsupported_parameter", Some("messages")));
+
+    // With the model's context window priced, the image is reserved as the whole window.
+    let prices = r#"{"gpt-4o":{"input":1,"output":2,"context_tokens":1000},"gpt-4o-mini":{"input":1,"output":2},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}"#;
+    let app = TestApp::spawn(
+        &upstream.mock.url(),
+        &[("MODEL_PRICES", prices), ("DAILY_BUDGET_USD", "0.002")],
+    )
+    .await;
+    let first = app.chat(image).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    // 1,000 input tokens + 16 output: 1,032,000 nanos; 18,000 spent leaves less than that.
+    let second = app.chat(image).await;
+    assert_eq!(second.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_metered_and_reserve_their_input_only() {
+    let upstream = Upstream::start().await;
+    let app = app(&upstream, &[("DAILY_BUDGET_USD", "0.00001")]).await;
+    let send = |body: String| {
+        app.client
+            .post(app.url("/v1/embeddings"))
+            .bearer_auth(jwt(common::PRODUCT, common::USER))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let small = r#"{"model":"text-embedding-3-small","input":"hello"}"#.to_owned();
+    let ok = send(small.clone()).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(header(&ok, "x-budget-remaining-usd").as_deref(), Some("0.00001"));
+    let _ = ok.bytes().await.unwrap();
+    // 8 tokens at 0.02 USD per 1M: 160 nanos spent; what is left shows rounded down.
+    let next = send(small).await.unwrap();
+    assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.000009"));
+    let _ = next.bytes().await.unwrap();
+    // 10,000 bytes of input reserve 200,000 nanos: more than the budget.
+    let large = format!(r#"{{"model":"text-embedding-3-small","input":"{}"}}"#, "a".repeat(10_000));
+    let refused = send(large).await.unwrap();
+    assert_eq!(refused.status(), 429);
+}
