@@ -28,7 +28,7 @@ enum Command {
     MintJwt(cli::mint_jwt::Args),
     /// Print the HMAC headers of one request.
     Sign(cli::sign::Args),
-    /// Show a day's spend per budget scope, read from REDIS_URL (settings as for `serve`).
+    /// Show a day's spend per budget scope, read from `REDIS_URL` (settings as for `serve`).
     Budgets(cli::budgets::Args),
 }
 

@@ -78,15 +78,14 @@ pub fn run(args: &Args) -> ExitCode {
     if args.max_keys == 0 {
         return fail(COMMAND, "--max-keys must be at least 1");
     }
-    let day = match &args.date {
-        Some(text) => match parse_date(text) {
-            Some(day) => day,
-            None => return fail(COMMAND, "--date: expected a day as YYYY-MM-DD"),
-        },
-        None => {
-            let now = i64::try_from(settings.clock.wall().as_secs()).unwrap_or(i64::MAX);
-            settings.day_zone.day_at(now).key()
-        }
+    let day = if let Some(text) = &args.date {
+        let Some(day) = parse_date(text) else {
+            return fail(COMMAND, "--date: expected a day as YYYY-MM-DD");
+        };
+        day
+    } else {
+        let now = i64::try_from(settings.clock.wall().as_secs()).unwrap_or(i64::MAX);
+        settings.day_zone.day_at(now).key()
     };
     crate::server::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -99,10 +98,14 @@ pub fn run(args: &Args) -> ExitCode {
     let read = match runtime.block_on(scan::read_day(redis, &day, args.max_keys)) {
         Ok(read) => read,
         Err(error) => {
-            // redis-rs errors name the kind and the server's answer, never the URL.
+            // redis-rs errors name the kind and the server's answer, never the URL; some
+            // span lines (a parse error lists what it met), and this is one line.
+            let error = error.to_string();
+            let error: Vec<&str> = error.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
             eprintln!(
-                "api-key-server {COMMAND}: cannot read Redis at {}: {error}",
-                redis.redacted_url()
+                "api-key-server {COMMAND}: cannot read Redis at {}: {}",
+                redis.redacted_url(),
+                error.join("; ")
             );
             return ExitCode::FAILURE;
         }
@@ -126,7 +129,9 @@ pub fn run(args: &Args) -> ExitCode {
     }
     let skipped = read.skipped + unnamed;
     if skipped > 0 {
-        eprintln!("api-key-server {COMMAND}: {skipped} key(s) matched but are not budget hashes of this version; skipped");
+        eprintln!(
+            "api-key-server {COMMAND}: {skipped} key(s) matched but are not budget hashes of this version; skipped"
+        );
     }
     if read.truncated {
         eprintln!(
@@ -178,14 +183,22 @@ fn rows(settings: &Settings, read: &DayRead) -> (Vec<Row>, usize) {
         .collect();
     let unnamed = read.entries.len() - rows.len();
     rows.sort_by(|a, b| {
-        (Reverse(a.spent), Reverse(a.open), a.kind, &a.product, &a.user, &a.client).cmp(&(
-            Reverse(b.spent),
-            Reverse(b.open),
-            b.kind,
-            &b.product,
-            &b.user,
-            &b.client,
-        ))
+        (
+            Reverse(a.spent),
+            Reverse(a.open),
+            a.kind,
+            &a.product,
+            &a.user,
+            &a.client,
+        )
+            .cmp(&(
+                Reverse(b.spent),
+                Reverse(b.open),
+                b.kind,
+                &b.product,
+                &b.user,
+                &b.client,
+            ))
     });
     (rows, unnamed)
 }
@@ -254,7 +267,15 @@ fn table(rows: &[Row]) -> String {
     if rows.is_empty() {
         return "No budget spend recorded on that day.".to_owned();
     }
-    let header = ["KIND", "PRODUCT", "USER/CLIENT", "SPENT_USD", "OPEN_USD", "BUDGET_USD", "LEFT_USD"];
+    let header = [
+        "KIND",
+        "PRODUCT",
+        "USER/CLIENT",
+        "SPENT_USD",
+        "OPEN_USD",
+        "BUDGET_USD",
+        "LEFT_USD",
+    ];
     let dash = || "-".to_owned();
     let cells: Vec<[String; 7]> = rows
         .iter()
@@ -357,7 +378,14 @@ mod tests {
     #[test]
     fn dates_are_read_only_as_yyyy_mm_dd() {
         assert_eq!(parse_date("2026-12-07").as_deref(), Some("2026-12-07"));
-        for bad in ["20261207", "2026-12-7", "2026-13-01", "yesterday", "", "2026-12-07T00:00"] {
+        for bad in [
+            "20261207",
+            "2026-12-7",
+            "2026-13-01",
+            "yesterday",
+            "",
+            "2026-12-07T00:00",
+        ] {
             assert_eq!(parse_date(bad), None, "{bad}");
         }
     }
@@ -386,7 +414,10 @@ mod tests {
         assert!(lines[0].starts_with("KIND    PRODUCT  USER/CLIENT"), "{text}");
         assert!(lines[1].contains("evil\\n\\u{1b}[31m"), "{text}");
         assert!(lines[1].ends_with("1.5      0.02           2      0.48"), "{text}");
-        assert!(lines[2].ends_with("0.000000001         0           -         -"), "{text}");
+        assert!(
+            lines[2].ends_with("0.000000001         0           -         -"),
+            "{text}"
+        );
         assert_eq!(table(&[]), "No budget spend recorded on that day.");
     }
 }
