@@ -41,20 +41,20 @@ pub struct Args {
 /// apply is `null`). Ids longer than 64 bytes are kept in Redis as their SHA-256 only;
 /// one the settings do not name shows as `sha256:<hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Row {
+struct Row {
     /// `user`, `product` or `client`.
-    pub kind: &'static str,
-    pub product: Option<String>,
-    pub user: Option<String>,
-    pub client: Option<String>,
+    kind: &'static str,
+    product: Option<String>,
+    user: Option<String>,
+    client: Option<String>,
     /// Settled costs and reservations charged on expiry, USD.
-    pub spent_usd: String,
+    spent_usd: String,
     /// Reservations of requests still in flight (or not yet charged on expiry), USD.
-    pub open_usd: String,
+    open_usd: String,
     /// The scope's budget in the settings; `null` when it has none.
-    pub budget_usd: Option<String>,
+    budget_usd: Option<String>,
     /// Budget - spent - open, never below 0; `null` without a budget.
-    pub left_usd: Option<String>,
+    left_usd: Option<String>,
     #[serde(skip)]
     spent: Nanos,
     #[serde(skip)]
