@@ -12,6 +12,9 @@
 #   serve     the proxy in `serve` mode trusting the public key of a product backend
 #             (examples/python/product_backend.py) that mints 6-second tokens: the
 #             token-refresh examples
+#   budget    examples/support/fake_budget_proxy.py, a stand-in for a proxy whose user
+#             has a $0.001 daily budget: the budget_exceeded examples (`dev` sets no
+#             budget of its own)
 # Quiet on success; on failure prints the failing example's output and the servers'
 # logs, and exits non-zero.
 #
@@ -132,6 +135,7 @@ openssl pkey -in "$work/backend.pem" -pubout -out "$work/backend.pub.pem"
 
 start fake python3 examples/support/fake_upstream.py
 start fake401 python3 examples/support/fake_upstream.py --status 401
+start budget python3 examples/support/fake_budget_proxy.py --budget-usd 0.001
 start_dev main
 limits=(API_KEY_SERVER_RATE_LIMIT_CAPACITY=1 API_KEY_SERVER_RATE_LIMIT_REFILL_PER_SECOND=0.5 API_KEY_SERVER_DAILY_QUOTA=2)
 start_dev limited_python "${limits[@]}"
@@ -159,6 +163,7 @@ serve_port=$(sed -n '/"listening"/ s/.*"address":"[^"]*:\([0-9]*\)".*/\1/p' "$wo
 [ -n "$serve_port" ] || { logs; fail "no address in the serve log's listening line"; }
 serve_url=http://127.0.0.1:$serve_port
 wait_for backend '^URL='
+wait_for budget '^URL='
 curl -sS --fail --max-time 5 "$(value main URL)/health" >/dev/null || fail "the dev proxy's /health does not answer"
 curl -sS --fail --max-time 5 "$serve_url/health" >/dev/null || fail "$serve_url/health does not answer"
 
@@ -181,6 +186,9 @@ badkey_env=(PROXY_BADKEY_URL="$(value badkey URL)" PROXY_BADKEY_JWT="$(value bad
 # with less than 3 s left, so each example waits about 3 s.
 refresh_env=(PROXY_URL="$serve_url" BACKEND_URL="$(value backend URL)"
   BACKEND_SESSION=demo-session-of-user-42 REFRESH_MARGIN_SECONDS=3)
+# The budget examples: the stand-in takes any token. Both share its one user's budget:
+# each short request costs a few 1e-9 USD, so the long one is refused either way.
+budget_env=(PROXY_BUDGET_URL="$(value budget URL)" PROXY_BUDGET_JWT=any-token-will-do)
 
 # run NAME COMMAND...: runs one example, at most 2 minutes (an SDK that wrongly honoured
 # a daily quota's Retry-After would sleep until midnight).
@@ -206,12 +214,14 @@ run python_responses_jwt "$python" examples/python/responses_jwt.py
 run python_errors env PROXY_LIMITED_URL="$(value limited_python URL)" PROXY_LIMITED_JWT="$(value limited_python JWT)" \
   "${badkey_env[@]}" "$python" examples/python/errors.py
 run python_desktop_client env "${refresh_env[@]}" "$python" examples/python/desktop_client.py
+run python_budget env "${budget_env[@]}" "$python" examples/python/budget.py
 run node_chat_jwt node examples/node/chat_jwt.js
 run node_chat_hmac node examples/node/chat_hmac.js
 run node_responses_jwt node examples/node/responses_jwt.js
 run node_errors env PROXY_LIMITED_URL="$(value limited_node URL)" PROXY_LIMITED_JWT="$(value limited_node JWT)" \
   "${badkey_env[@]}" node examples/node/errors.js
 run node_desktop_client env "${refresh_env[@]}" node examples/node/desktop_client.js
+run node_budget env "${budget_env[@]}" node examples/node/budget.js
 run curl bash examples/curl.sh
 
 kill -TERM "${pid[main]}"

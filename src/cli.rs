@@ -1,10 +1,13 @@
-//! Subcommands besides `serve`: `dev`, `mint-jwt` and `sign`.
+//! Subcommands besides `serve`: `dev`, `mint-jwt`, `sign` and `budgets`.
 //!
 //! They are client-side helpers and a demo: they read key files and secrets the user
 //! names, and must never print key material or a secret that came from outside (the
 //! ephemeral secrets `dev` generates are the one exception: showing them is their point).
+//! `budgets` is the operator's: it reads the server's settings and its Redis, and shows
+//! the Redis URL only without its user info.
 //! Everything they print to stdout goes through [`output`].
 
+pub mod budgets;
 pub mod dev;
 pub mod fake_upstream;
 pub mod mint_jwt;

@@ -28,6 +28,8 @@ enum Command {
     MintJwt(cli::mint_jwt::Args),
     /// Print the HMAC headers of one request.
     Sign(cli::sign::Args),
+    /// Show a day's spend per budget scope, read from `REDIS_URL` (settings as for `serve`).
+    Budgets(cli::budgets::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => cli::dev::run(&args),
         Command::MintJwt(args) => cli::mint_jwt::run(&args),
         Command::Sign(args) => cli::sign::run(&args),
+        Command::Budgets(args) => cli::budgets::run(&args),
     }
 }
 

@@ -289,18 +289,7 @@ impl Inner {
 
     async fn connect(&self) -> RedisResult<Conn> {
         match &self.connector {
-            Some(Connector::Single(client)) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(PROBE_TIMEOUT))
-                    .set_response_timeout(Some(self.timeout.max(Duration::from_millis(500))))
-                    // One quick retry: the probe itself is retried after the breaker's interval.
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50));
-                Ok(Conn::Single(
-                    ConnectionManager::new_with_config(client.clone(), config).await?,
-                ))
-            }
-            Some(Connector::Cluster(client)) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Some(connector) => connector.connect(self.timeout).await,
             None => Err(RedisError::from((redis::ErrorKind::Client, "no Redis client"))),
         }
     }
@@ -328,6 +317,32 @@ impl Inner {
             tracing::error!(redis = %self.url, error = %failure, "Redis still unavailable: limits and nonces in memory");
         }
     }
+}
+
+impl Connector {
+    async fn connect(&self, timeout: Duration) -> RedisResult<Conn> {
+        match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(PROBE_TIMEOUT))
+                    .set_response_timeout(Some(timeout.max(Duration::from_millis(500))))
+                    // One quick retry: the probe itself is retried after the breaker's interval.
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50));
+                Ok(Conn::Single(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                ))
+            }
+            Self::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+}
+
+/// One connection made now, with the server's client, TLS and timeouts but without the
+/// breaker or the fallback: for the operator's subcommands, which report a failure
+/// instead of deciding in memory. Its errors never hold the URL's user info.
+pub(crate) async fn connect_once(settings: &RedisSettings) -> RedisResult<Conn> {
+    connector(settings)?.connect(settings.timeout).await
 }
 
 fn connector(settings: &RedisSettings) -> RedisResult<Connector> {
@@ -365,9 +380,31 @@ pub(crate) fn id_part(id: &str) -> String {
     }
 }
 
+/// The inverse of [`id_part`]: the id of an `x` part. `None` for an `h` part (a long id's
+/// hash, which cannot be inverted: compare it with `id_part` of the candidates instead)
+/// and for anything `id_part` never writes.
+pub(crate) fn id_from_part(part: &str) -> Option<String> {
+    let bytes = hex::decode(part.strip_prefix('x')?).ok()?;
+    (bytes.len() <= MAX_ID_BYTES_IN_KEY)
+        .then(|| String::from_utf8(bytes).ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_come_back_from_their_key_part() {
+        for id in ["alice", "a:b", "u}:{x", "", "ユーザー", &"u".repeat(64)] {
+            assert_eq!(id_from_part(&id_part(id)).as_deref(), Some(id), "{id}");
+        }
+        // A long id's hash cannot be inverted; neither can what `id_part` never writes.
+        assert_eq!(id_from_part(&id_part(&"u".repeat(65))), None);
+        for bad in ["", "x6", "xzz", "616263", "xff", "X61"] {
+            assert_eq!(id_from_part(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn ids_in_keys_cannot_break_the_hash_tag_or_collide() {
