@@ -12,9 +12,7 @@
 #   serve     the proxy in `serve` mode trusting the public key of a product backend
 #             (examples/python/product_backend.py) that mints 6-second tokens: the
 #             token-refresh examples
-#   budget    examples/support/fake_budget_proxy.py, a stand-in for a proxy whose user
-#             has a $0.001 daily budget: the budget_exceeded examples (`dev` sets no
-#             budget of its own)
+#   budget    `dev` with a $0.001 daily budget per user: the budget_exceeded examples
 # Quiet on success; on failure prints the failing example's output and the servers'
 # logs, and exits non-zero.
 #
@@ -135,7 +133,9 @@ openssl pkey -in "$work/backend.pem" -pubout -out "$work/backend.pub.pem"
 
 start fake python3 examples/support/fake_upstream.py
 start fake401 python3 examples/support/fake_upstream.py --status 401
-start budget python3 examples/support/fake_budget_proxy.py --budget-usd 0.001
+# A user with a $0.001 daily budget: a short request fits, a 2,048-token one cannot.
+start_dev budget API_KEY_SERVER_DAILY_BUDGET_USD=0.001 \
+  API_KEY_SERVER_MODEL_PRICES='{"gpt-4o":{"input":2.5,"output":10},"gpt-4o-mini":{"input":0.15,"output":0.6},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}'
 start_dev main
 limits=(API_KEY_SERVER_RATE_LIMIT_CAPACITY=1 API_KEY_SERVER_RATE_LIMIT_REFILL_PER_SECOND=0.5 API_KEY_SERVER_DAILY_QUOTA=2)
 start_dev limited_python "${limits[@]}"
@@ -153,7 +153,7 @@ start serve env -i PATH="$PATH" PORT=0 \
   API_KEY_SERVER_OPENAI_BASE_URL="$(value fake URL)" \
   "$bin" serve
 
-for name in main limited_python limited_node badkey; do
+for name in main limited_python limited_node badkey budget; do
   wait_for "$name" '^Ctrl-C'
   [ -n "$(value "$name" URL)" ] && [ -n "$(value "$name" JWT)" ] || { logs; fail "no URL or JWT in $name's banner"; }
 done
@@ -163,7 +163,6 @@ serve_port=$(sed -n '/"listening"/ s/.*"address":"[^"]*:\([0-9]*\)".*/\1/p' "$wo
 [ -n "$serve_port" ] || { logs; fail "no address in the serve log's listening line"; }
 serve_url=http://127.0.0.1:$serve_port
 wait_for backend '^URL='
-wait_for budget '^URL='
 curl -sS --fail --max-time 5 "$(value main URL)/health" >/dev/null || fail "the dev proxy's /health does not answer"
 curl -sS --fail --max-time 5 "$serve_url/health" >/dev/null || fail "$serve_url/health does not answer"
 
@@ -186,9 +185,9 @@ badkey_env=(PROXY_BADKEY_URL="$(value badkey URL)" PROXY_BADKEY_JWT="$(value bad
 # with less than 3 s left, so each example waits about 3 s.
 refresh_env=(PROXY_URL="$serve_url" BACKEND_URL="$(value backend URL)"
   BACKEND_SESSION=demo-session-of-user-42 REFRESH_MARGIN_SECONDS=3)
-# The budget examples: the stand-in takes any token. Both share its one user's budget:
-# each short request costs a few 1e-9 USD, so the long one is refused either way.
-budget_env=(PROXY_BUDGET_URL="$(value budget URL)" PROXY_BUDGET_JWT=any-token-will-do)
+# The budget examples: both share the dev proxy's one user and its budget; each short
+# request costs a few 1e-6 USD, so the long one is refused either way.
+budget_env=(PROXY_BUDGET_URL="$(value budget URL)" PROXY_BUDGET_JWT="$(value budget JWT)")
 
 # run NAME COMMAND...: runs one example, at most 2 minutes (an SDK that wrongly honoured
 # a daily quota's Retry-After would sleep until midnight).

@@ -91,7 +91,7 @@ impl Reserved {
 /// How the body carries its usage.
 pub enum Reader {
     /// A JSON answer: its top-level `usage`.
-    Json(JsonScanner),
+    Json(Box<JsonScanner>),
     /// A chat stream: the usage chunk, taken out when the client did not ask for it.
     Chat(Box<ChatStream>),
     /// A Responses stream: the final event's `response.usage`.
@@ -100,7 +100,7 @@ pub enum Reader {
 
 impl Reader {
     pub fn json() -> Self {
-        Self::Json(JsonScanner::new(Layout::Body))
+        Self::Json(Box::new(JsonScanner::new(Layout::Body)))
     }
 
     pub fn chat(strip_usage_chunk: bool) -> Self {
@@ -108,7 +108,7 @@ impl Reader {
     }
 
     pub fn responses() -> Self {
-        Self::Responses(Box::new(ResponsesStream::new()))
+        Self::Responses(Box::default())
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -213,6 +213,20 @@ impl MeteredBody {
         }
     }
 
+    /// The upstream's body ended cleanly.
+    fn end(&mut self) {
+        match &mut self.reader {
+            Reader::Chat(stream) => {
+                stream.finish(&mut self.scratch);
+                self.ready.extend(self.scratch.drain(..));
+            }
+            Reader::Json(scanner) => scanner.finish(),
+            Reader::Responses(_) => {}
+        }
+        self.ended = true;
+        self.finish();
+    }
+
     fn feed(&mut self, data: &Bytes) {
         match &mut self.reader {
             Reader::Json(scanner) => scanner.feed(data),
@@ -234,12 +248,14 @@ impl HttpBody for MeteredBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         loop {
-            if let Some(data) = this.ready.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
+            // The settlement runs before the last bytes go out: a client that has read the
+            // whole answer finds its spend settled.
             if let Some(settling) = &mut this.settling {
                 std::task::ready!(settling.as_mut().poll(cx));
                 this.settling = None;
+            }
+            if let Some(data) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             if this.ended {
                 return Poll::Ready(this.failed.take().map(Err));
@@ -249,13 +265,21 @@ impl HttpBody for MeteredBody {
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
-                    if matches!(this.reader, Reader::Chat(_)) {
-                        let data = data.clone();
-                        this.feed(&data);
-                        continue;
-                    }
                     let data = data.clone();
                     this.feed(&data);
+                    let chat = matches!(this.reader, Reader::Chat(_));
+                    // A body of known length is not polled past its last bytes: its end
+                    // is here.
+                    if this.inner.is_end_stream() {
+                        if !chat {
+                            this.ready.push_back(data);
+                        }
+                        this.end();
+                        continue;
+                    }
+                    if chat {
+                        continue;
+                    }
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Some(Err(error)) => {
@@ -263,16 +287,7 @@ impl HttpBody for MeteredBody {
                     this.ended = true;
                     this.finish();
                 }
-                None => {
-                    if let Reader::Chat(stream) = &mut this.reader {
-                        stream.finish(&mut this.scratch);
-                        this.ready.extend(this.scratch.drain(..));
-                    } else if let Reader::Json(scanner) = &mut this.reader {
-                        scanner.finish();
-                    }
-                    this.ended = true;
-                    this.finish();
-                }
+                None => this.end(),
             }
         }
     }

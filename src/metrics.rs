@@ -10,7 +10,10 @@
 //!
 //! Label cardinality is bounded by construction: routes are the templates of
 //! [`crate::app::Route`] (never a raw path, and `&'static str` by type), statuses and error codes come from the contract's tables, and the limiter
-//! labels and upstream failure causes are fixed words ([`crate::upstream::Cause`]). Nothing here may ever take a product, user, key or path.
+//! labels and upstream failure causes are fixed words ([`crate::upstream::Cause`]). The usage
+//! counters take a product and a model: both are bounded by the settings (products are
+//! configured, and a model is counted only once validation allowed it). Nothing here may
+//! ever take a user, key or path.
 //!
 //! The listener serves only `GET /metrics`. On Cloud Run the port is reachable only
 //! inside the instance, by the Managed Prometheus sidecar (see `deploy/`).

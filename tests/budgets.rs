@@ -126,10 +126,9 @@ const CHUNK: &str = r#"data: {"id":"c","object":"chat.completion.chunk","model":
 fn stream(with_usage: bool) -> Response {
     let mut body = format!("{CHUNK}\n\n");
     if with_usage {
-        body.push_str(&format!(
-            r#"data: {{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"usage":{USAGE}}}"#
-        ));
-        body.push_str("\n\n");
+        body.push_str(r#"data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"usage":"#);
+        body.push_str(USAGE);
+        body.push_str("}\n\n");
     }
     body.push_str("data: [DONE]\n\n");
     let mut response = Response::new(Body::from(body));
@@ -433,7 +432,11 @@ fn user_hash(redis: &RedisServer, user: &str) -> Option<String> {
 }
 
 fn hex(text: &str) -> String {
-    text.bytes().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write as _;
+    text.bytes().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// Waits (at most 10 s) until `done` holds.
@@ -527,7 +530,10 @@ async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_
             break;
         }
         assert!(total < expected, "spend counted twice: {total} > {expected}");
-        assert!(tokio::time::Instant::now() < deadline, "Redis never got the outage spend: {total}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never got the outage spend: {total}"
+        );
         // Another user's request makes the instance talk to Redis again.
         probes += 1;
         let probe = chat_as(&app, &format!("probe{probes}"), CHAT).await;
@@ -566,9 +572,15 @@ async fn the_reservations_of_an_instance_that_dies_are_charged_when_they_expire(
             .send();
         tokio::spawn(request)
     };
-    eventually("the request reaches the upstream", || upstream.held.load(Ordering::SeqCst) == 1).await;
+    eventually("the request reaches the upstream", || {
+        upstream.held.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let pid = process.child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap();
     assert!(killed.success());
     assert!(in_flight.await.unwrap().is_err() || upstream.held.load(Ordering::SeqCst) == 1);
     let hash = user_hash(&redis, common::USER).expect("the reservation is in Redis");
@@ -585,7 +597,9 @@ async fn the_reservations_of_an_instance_that_dies_are_charged_when_they_expire(
         ("DAY_TIMEZONE", zone),
     ];
     let other = TestApp::spawn_with_clock(&upstream.mock.url(), &overrides, clock.clock()).await;
-    let token = jwt_claims(&serde_json::json!({"sub": common::USER, "product": common::PRODUCT, "iat": later, "exp": later + 300}));
+    let token = jwt_claims(
+        &serde_json::json!({"sub": common::USER, "product": common::PRODUCT, "iat": later, "exp": later + 300}),
+    );
     let response = other
         .client
         .post(other.url("/v1/chat/completions"))
@@ -637,7 +651,10 @@ async fn the_log_line_carries_usage_cost_reservation_and_the_refusing_scope() {
             .filter(|l| l["path"] == "/v1/chat/completions" && l["status"] == status)
             .collect::<Vec<_>>()
     };
-    eventually("both lines are written", || !lines(200).is_empty() && !lines(429).is_empty()).await;
+    eventually("both lines are written", || {
+        !lines(200).is_empty() && !lines(429).is_empty()
+    })
+    .await;
     let line = &lines(200)[0];
     assert_eq!(line["model"], "gpt-4o");
     assert_eq!(line["input_tokens"], 10);
@@ -663,19 +680,23 @@ async fn what_cannot_be_reserved_is_refused_while_a_budget_applies() {
     let refused = app.chat(image).await;
     assert_eq!(refused.status(), 400);
     let (_, code, param) = common::error_of(refused).await;
-    assert_eq!((code.as_str(), param.as_deref()), ("unsupported_parameter", Some("messages")));
+    assert_eq!(
+        (code.as_str(), param.as_deref()),
+        ("unsupported_parameter", Some("messages"))
+    );
 
     // With the model's context window priced, the image is reserved as the whole window.
     let prices = r#"{"gpt-4o":{"input":1,"output":2,"context_tokens":1000},"gpt-4o-mini":{"input":1,"output":2},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}"#;
     let app = TestApp::spawn(
         &upstream.mock.url(),
-        &[("MODEL_PRICES", prices), ("DAILY_BUDGET_USD", "0.002")],
+        &[("MODEL_PRICES", prices), ("DAILY_BUDGET_USD", "0.00104")],
     )
     .await;
     let first = app.chat(image).await;
     assert_eq!(first.status(), 200);
     let _ = first.bytes().await.unwrap();
-    // 1,000 input tokens + 16 output: 1,032,000 nanos; 18,000 spent leaves less than that.
+    // 1,000 input tokens + 16 output reserve 1,032,000 nanos; once 18,000 are spent, less
+    // than that is left.
     let second = app.chat(image).await;
     assert_eq!(second.status(), 429);
 }
@@ -702,7 +723,10 @@ async fn embeddings_are_metered_and_reserve_their_input_only() {
     assert_eq!(header(&next, "x-budget-remaining-usd").as_deref(), Some("0.000009"));
     let _ = next.bytes().await.unwrap();
     // 10,000 bytes of input reserve 200,000 nanos: more than the budget.
-    let large = format!(r#"{{"model":"text-embedding-3-small","input":"{}"}}"#, "a".repeat(10_000));
+    let large = format!(
+        r#"{{"model":"text-embedding-3-small","input":"{}"}}"#,
+        "a".repeat(10_000)
+    );
     let refused = send(large).await.unwrap();
     assert_eq!(refused.status(), 429);
 }

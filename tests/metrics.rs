@@ -176,8 +176,18 @@ async fn the_metrics_endpoint_counts_requests_by_route_status_and_code() {
         "traffic the upstream answered counts no upstream failure:\n{last}"
     );
     assert!(!last.contains("/raw/path"), "raw paths are never labels:\n{last}");
-    for secret in [PRODUCT_KEY, HMAC_SECRET, "alice", "demo"] {
+    // Users never label a series; products and models do, on the usage counters only
+    // (both are bounded by the settings).
+    for secret in [PRODUCT_KEY, HMAC_SECRET, "alice"] {
         assert!(!last.contains(secret), "{secret} in the metrics");
+    }
+    let input = r#"api_key_server_tokens_total{product="demo",model="gpt-4o",kind="input"}"#;
+    assert!(sample(&last, input).is_some_and(|n| n > 0.0), "{input} in:\n{last}");
+    for line in last.lines().filter(|l| l.contains("demo")) {
+        assert!(
+            line.contains("api_key_server_tokens_total{") || line.contains("api_key_server_cost_nanousd_total{"),
+            "{line}"
+        );
     }
 
     // The metrics are not served on the service's own port.

@@ -14,7 +14,7 @@
 
 Environment:
     PROXY_BUDGET_URL, PROXY_BUDGET_JWT
-        a proxy (or examples/support/fake_budget_proxy.py) whose user has a daily budget
+        a proxy whose user has a daily budget
         that fits a request with max_tokens=16 but not one with max_tokens=2048
         (DAILY_BUDGET_USD=0.001 with gpt-4o-mini at $0.15/$0.60 per 1M tokens)
 

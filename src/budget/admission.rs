@@ -166,8 +166,8 @@ impl Budgets {
     }
 
     fn now(&self) -> i64 {
-        // Whole seconds; the clock never reads before 1970 or past i64.
-        self.inner.clock.unix_seconds() as i64
+        // Whole seconds since 1970: far inside i64.
+        i64::try_from(self.inner.clock.wall().as_secs()).unwrap_or(i64::MAX)
     }
 
     /// Reserves `amount` in every budgeted scope of `identity`, client first, then the
@@ -209,8 +209,8 @@ impl Budgets {
             store: BudgetStore::Redis,
         };
         for (scope, budget) in scopes {
-            let scoped = admission.id.in_scope(&scope);
-            let (decision, place) = self.reserve(&scope, budget, &scoped, amount, &day, now).await;
+            let scope_id = admission.id.in_scope(&scope);
+            let (decision, place) = self.reserve(&scope, budget, &scope_id, amount, &day, now).await;
             if place != Place::Redis {
                 admission.store = BudgetStore::Memory;
             }
@@ -312,25 +312,21 @@ impl Budgets {
                 .unwrap_or(Decision::Refused { remaining: Nanos::ZERO });
             return (decision, Place::Memory);
         };
-        match redis.reserve(scope, budget, id, amount, day, now).await {
-            Some(decision) => {
-                let left = match decision {
-                    Decision::Admitted { remaining_before } => remaining_before.saturating_sub(amount),
-                    Decision::Refused { remaining } => remaining,
-                };
-                {
-                    let mut outage = lock(&self.inner.outage);
-                    outage.redis_back();
-                    outage.note_read(scope, day, left, now);
-                }
-                self.redis_answered();
-                (decision, Place::Redis)
-            }
-            None => {
-                let decision = lock(&self.inner.outage).reserve(scope, budget, id, amount, day, now);
-                (decision, Place::Outage)
-            }
+        let Some(decision) = redis.reserve(scope, budget, id, amount, day, now).await else {
+            let decision = lock(&self.inner.outage).reserve(scope, budget, id, amount, day, now);
+            return (decision, Place::Outage);
+        };
+        let left = match decision {
+            Decision::Admitted { remaining_before } => remaining_before.saturating_sub(amount),
+            Decision::Refused { remaining } => remaining,
+        };
+        {
+            let mut outage = lock(&self.inner.outage);
+            outage.redis_back();
+            outage.note_read(scope, day, left, now);
         }
+        self.redis_answered();
+        (decision, Place::Redis)
     }
 
     /// The user's figures when an earlier scope refused the request.
