@@ -730,3 +730,73 @@ async fn embeddings_are_metered_and_reserve_their_input_only() {
     let refused = send(large).await.unwrap();
     assert_eq!(refused.status(), 429);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hmac_clients_budget_bounds_every_user_it_asserts() {
+    let upstream = Upstream::start().await;
+    let limits = r#"{"desk":{"daily_budget_usd":0.0002}}"#;
+    let app = app(&upstream, &[("CLIENT_LIMITS", limits)]).await;
+    let each = reservation(CHAT, 16);
+    assert!(each < 200_000 && 2 * each > 200_000 - USAGE_COST);
+    let send = |user: &str| {
+        let signed = common::hmac_sign(
+            common::HMAC_SECRET,
+            "POST",
+            "/v1/chat/completions",
+            common::CLIENT,
+            common::PRODUCT,
+            user,
+            Some(&common::nonce()),
+            common::now(),
+            CHAT.as_bytes(),
+        );
+        signed
+            .apply(app.client.post(app.url("/v1/chat/completions")))
+            .header("content-type", "application/json")
+            .body(CHAT)
+            .send()
+    };
+    let first = send("user-1").await.unwrap();
+    assert_eq!(first.status(), 200);
+    // No (product, user) budget: no x-budget-* headers.
+    assert!(header(&first, "x-budget-limit-usd").is_none());
+    let _ = first.bytes().await.unwrap();
+    // A new user id does not bring a new budget: the client's is what is left.
+    let second = send("user-2").await.unwrap();
+    assert_eq!(second.status(), 429);
+    let (_, code, _) = common::error_of(second).await;
+    assert_eq!(code, "budget_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_work_on_redis_cluster() {
+    let upstream = Upstream::start().await;
+    let cluster = common::redis::RedisCluster::start();
+    let url = cluster.url();
+    let overrides = [
+        ("DAILY_BUDGET_USD", "0.001"),
+        ("PRODUCT_LIMITS", r#"{"demo":{"product_daily_budget_usd":1}}"#),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_CLUSTER", "true"),
+    ];
+    let app = app(&upstream, &overrides).await;
+    let first = app.chat(CHAT).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-budget-remaining-usd").as_deref(), Some("0.001"));
+    let _ = first.bytes().await.unwrap();
+    let second = app.chat(CHAT).await;
+    assert_eq!(
+        header(&second, "x-budget-remaining-usd"),
+        Some(usd(1_000_000 - USAGE_COST))
+    );
+    let _ = second.bytes().await.unwrap();
+    // Both scopes live in the cluster, each under its own hash tag.
+    let keys: Vec<String> = cluster
+        .keys()
+        .into_iter()
+        .filter(|k| k.contains(":budget:") && !k.ends_with(":due"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("{p:x64656d6f:u:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("{p:x64656d6f}")), "{keys:?}");
+}
