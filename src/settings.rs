@@ -912,6 +912,91 @@ mod tests {
         Settings::from_lookup(lookup(&pairs)).expect_err("settings should be refused")
     }
 
+    const PRICES: &str = r#"{"gpt-4o":{"input":2.5,"output":10},"gpt-4o-mini":{"input":0.15,"output":0.6},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}"#;
+
+    #[test]
+    fn budgets_are_read_exactly_and_need_every_callable_model_priced() {
+        let mut pairs = base();
+        pairs.extend([
+            ("MODEL_PRICES", PRICES),
+            ("DAILY_BUDGET_USD", "1.5"),
+            (
+                "PRODUCT_LIMITS",
+                r#"{"app":{"daily_budget_usd":0.25,"product_daily_budget_usd":100}}"#,
+            ),
+            ("CLIENT_LIMITS", r#"{"desk":{"daily_budget_usd":3}}"#),
+            ("BUDGET_RESERVATION_SECONDS", "600"),
+            ("BUDGET_OUTAGE_SHARE", "0.25"),
+            ("DAY_TIMEZONE", "Asia/Tokyo"),
+        ]);
+        let settings = Settings::from_lookup(lookup(&pairs)).expect("valid settings");
+        let budgets = &settings.budgets;
+        assert_eq!(budgets.user_budget("app"), Some(crate::budget::Nanos(250_000_000)));
+        assert_eq!(budgets.user_budget("other"), Some(crate::budget::Nanos(1_500_000_000)));
+        assert_eq!(
+            budgets.product_budget("app"),
+            Some(crate::budget::Nanos(100_000_000_000))
+        );
+        assert_eq!(budgets.client_budget("desk"), Some(crate::budget::Nanos(3_000_000_000)));
+        assert_eq!(budgets.reservation_ttl, Duration::from_secs(600));
+        assert!(budgets.applies("app", None));
+        assert_eq!(settings.day_zone.name(), "Asia/Tokyo");
+
+        // Prices alone are no budget: nothing has to be priced.
+        let mut pairs = base();
+        pairs.push(("MODEL_PRICES", r#"{"gpt-4o":{"input":1}}"#));
+        let settings = Settings::from_lookup(lookup(&pairs)).expect("valid settings");
+        assert!(!settings.budgets.any());
+    }
+
+    #[test]
+    fn malformed_budgets_stop_startup_naming_the_variable() {
+        let unpriced = error_of(&[
+            ("DAILY_BUDGET_USD", "1"),
+            ("MODEL_PRICES", r#"{"gpt-4o":{"input":1,"output":1}}"#),
+        ]);
+        assert_eq!(unpriced.variable, "API_KEY_SERVER_MODEL_PRICES");
+        assert!(unpriced.reason.contains("gpt-4o-mini"), "{unpriced}");
+        let no_output = error_of(&[
+            ("DAILY_BUDGET_USD", "1"),
+            (
+                "MODEL_PRICES",
+                r#"{"gpt-4o":{"input":1},"gpt-4o-mini":{"input":1,"output":1},"text-embedding-3-small":{"input":1},"text-embedding-3-large":{"input":1}}"#,
+            ),
+        ]);
+        assert!(no_output.reason.contains("output"), "{no_output}");
+        let precise = error_of(&[("MODEL_PRICES", r#"{"gpt-4o":{"input":0.0000001}}"#)]);
+        assert_eq!(precise.variable, "API_KEY_SERVER_MODEL_PRICES");
+        for (name, value) in [
+            ("DAILY_BUDGET_USD", "0"),
+            ("DAILY_BUDGET_USD", "-1"),
+            ("DAILY_BUDGET_USD", "0.0000001"),
+            ("BUDGET_OUTAGE_SHARE", "0"),
+            ("BUDGET_OUTAGE_SHARE", "1.5"),
+            ("BUDGET_RESERVATION_SECONDS", "0"),
+            ("DAY_TIMEZONE", "Mars/Olympus"),
+        ] {
+            let error = error_of(&[("MODEL_PRICES", PRICES), (name, value)]);
+            assert_eq!(error.variable, format!("{PREFIX}{name}"), "{name}={value}");
+            assert!(!error.reason.contains(value) || value == "0", "{error}");
+        }
+        let client_product_budget = error_of(&[
+            ("MODEL_PRICES", PRICES),
+            ("CLIENT_LIMITS", r#"{"desk":{"product_daily_budget_usd":1}}"#),
+        ]);
+        assert_eq!(client_product_budget.variable, "API_KEY_SERVER_CLIENT_LIMITS");
+        let zero = error_of(&[
+            ("MODEL_PRICES", PRICES),
+            ("PRODUCT_LIMITS", r#"{"app":{"daily_budget_usd":0}}"#),
+        ]);
+        assert_eq!(zero.variable, "API_KEY_SERVER_PRODUCT_LIMITS");
+        let text = error_of(&[
+            ("MODEL_PRICES", PRICES),
+            ("PRODUCT_LIMITS", r#"{"app":{"daily_budget_usd":"5"}}"#),
+        ]);
+        assert_eq!(text.variable, "API_KEY_SERVER_PRODUCT_LIMITS");
+    }
+
     #[test]
     fn the_known_variables_are_exactly_those_the_parser_reads() {
         let pairs = base();
