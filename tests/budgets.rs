@@ -801,3 +801,69 @@ async fn budgets_work_on_redis_cluster() {
     assert!(keys.iter().any(|k| k.contains("{p:x64656d6f:u:")), "{keys:?}");
     assert!(keys.iter().any(|k| k.contains("{p:x64656d6f}")), "{keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_response_keeps_its_settled_tokens_for_the_requests_that_continue_it() {
+    let upstream = MockUpstream::openai().await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let app = TestApp::spawn(
+        &upstream.url(),
+        &[
+            ("MODEL_PRICES", PRICES),
+            ("DAILY_BUDGET_USD", "0.1"),
+            ("REDIS_URL", &url),
+        ],
+    )
+    .await;
+    let create = |body: String| {
+        app.client
+            .post(app.url("/v1/responses"))
+            .bearer_auth(jwt(common::PRODUCT, common::USER))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first = create(r#"{"model":"gpt-4o","input":"hi","max_output_tokens":100}"#.to_owned())
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let answer: serde_json::Value = first.json().await.unwrap();
+    let id = answer["id"].as_str().unwrap().to_owned();
+    // The mock reports 3 input and 2 output tokens: the record holds 5 once settled (the
+    // reservation's count before).
+    let record = || {
+        redis
+            .keys()
+            .into_iter()
+            .find(|k| k.contains(":resp:"))
+            .map(|k| redis.cli(&["GET", &k]))
+    };
+    eventually("the record holds the settled tokens", || {
+        record().as_deref() == Some("5")
+    })
+    .await;
+
+    let next = create(format!(
+        r#"{{"model":"gpt-4o","input":"more","max_output_tokens":100,"previous_response_id":"{id}"}}"#
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next.status(), 200);
+    // Budget-only refusals: what cannot be reserved.
+    for (body, param) in [
+        (r#"{"model":"gpt-4o","input":"hi","background":true}"#, "background"),
+        (
+            r#"{"model":"gpt-4o","input":"hi","service_tier":"priority"}"#,
+            "service_tier",
+        ),
+    ] {
+        let refused = create(body.to_owned()).await.unwrap();
+        assert_eq!(refused.status(), 400, "{body}");
+        let (_, code, named) = common::error_of(refused).await;
+        assert_eq!(
+            (code.as_str(), named.as_deref()),
+            ("unsupported_parameter", Some(param))
+        );
+    }
+}

@@ -197,3 +197,62 @@ pub fn refused((error, log): (ApiError, MeterLog)) -> Outcome {
     outcome.log.meter = Some(log);
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::price::Price;
+
+    fn worst(body_bytes: usize, previous_tokens: u64, n: u64, needs_context_window: bool) -> Worst<'static> {
+        Worst {
+            model: "m",
+            body_bytes,
+            previous_tokens,
+            output_limit: 100,
+            n,
+            needs_context_window,
+            input_param: "messages",
+        }
+    }
+
+    fn prices(context_tokens: Option<u64>) -> Prices {
+        Prices {
+            input: Price::from_micros_per_million(1_000_000),
+            output: Some(Price::from_micros_per_million(2_000_000)),
+            cached_input: Price::from_micros_per_million(1_000_000),
+            context_tokens,
+        }
+    }
+
+    #[test]
+    fn the_reservation_is_the_worst_case_the_contract_names() {
+        let reserve =
+            |w: &Worst<'_>, p: Option<&Prices>, budgeted| reserve_tokens(w, p, budgeted).map_err(|e| e.code());
+        // Bytes as input tokens, plus the previous response's settled tokens; output x n.
+        assert_eq!(
+            reserve(&worst(500, 40, 3, false), Some(&prices(None)), true),
+            Ok(Reserved {
+                input_tokens: 540,
+                output_tokens: 300
+            })
+        );
+        // The context window bounds any input, and is the input of an image or a hosted tool.
+        assert_eq!(
+            reserve(&worst(5_000, 0, 1, false), Some(&prices(Some(1_000))), true).map(|r| r.input_tokens),
+            Ok(1_000)
+        );
+        assert_eq!(
+            reserve(&worst(10, 0, 1, true), Some(&prices(Some(1_000))), true).map(|r| r.input_tokens),
+            Ok(1_000)
+        );
+        // Without a context window such a body cannot be reserved while a budget applies.
+        assert_eq!(
+            reserve(&worst(10, 0, 1, true), Some(&prices(None)), true),
+            Err("unsupported_parameter")
+        );
+        assert!(reserve(&worst(10, 0, 1, true), None, false).is_ok());
+        // 1,000 nanos per input token, 2,000 per output token.
+        let reserved = reserve(&worst(500, 0, 1, false), Some(&prices(None)), true).unwrap();
+        assert_eq!(reserved.cost(Some(&prices(None))), Nanos(500 * 1_000 + 100 * 2_000));
+    }
+}

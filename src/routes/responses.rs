@@ -2,7 +2,7 @@
 //! /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`), each reachable only by
 //! the response's owner ([`crate::ownership`]).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use http::request::Parts;
 use http::{Method, Request};
@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use crate::app::{App, RESPONSES_PREFIX};
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::lock::lock;
 use crate::meter::Reader;
 use crate::ownership::Owner;
 use crate::request::{self, Outcome};
@@ -54,11 +55,18 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             }
         };
         // The record of the created response gets its settled token count once the body
-        // ends (the reservation's until then): what a request continuing it reserves.
-        let created: Arc<OnceLock<String>> = Arc::default();
-        let (ownership, record_owner, record_id) = (Arc::clone(&app.ownership), owner.clone(), Arc::clone(&created));
+        // ends (the reservation's until then): what a request continuing it reserves. The
+        // body may end while its id is still being recorded (a short answer): whichever of
+        // the two comes second writes the count.
+        let settled: Arc<Mutex<Settled>> = Arc::default();
+        let (ownership, record_owner, late) = (Arc::clone(&app.ownership), owner.clone(), Arc::clone(&settled));
         metered.on_settled(Box::new(move |tokens| {
-            if let (Some(id), Ok(runtime)) = (record_id.get().cloned(), tokio::runtime::Handle::try_current()) {
+            let id = {
+                let mut settled = lock(&late);
+                settled.tokens = Some(tokens);
+                settled.id.clone()
+            };
+            if let (Some(id), Ok(runtime)) = (id, tokio::runtime::Handle::try_current()) {
                 runtime.spawn(async move { ownership.set_tokens(&record_owner, &id, tokens).await });
             }
         }));
@@ -83,7 +91,14 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             let (response, id) = app.ownership.record_created(&owner, response, tokens).await;
             outcome.response = response;
             if let Some(id) = &id {
-                let _ = created.set(id.clone());
+                let tokens = {
+                    let mut settled = lock(&settled);
+                    settled.id = Some(id.clone());
+                    settled.tokens
+                };
+                if let Some(tokens) = tokens {
+                    app.ownership.set_tokens(&owner, id, tokens).await;
+                }
             }
             outcome.log.response_id = id.map(String::into_boxed_str);
         }
@@ -91,6 +106,13 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         Ok(outcome)
     };
     Outcome::of(&identity, result.await)
+}
+
+/// A created response's id and settled tokens, as each becomes known.
+#[derive(Default)]
+struct Settled {
+    id: Option<String>,
+    tokens: Option<u64>,
 }
 
 /// What a stored-response route does upstream.
