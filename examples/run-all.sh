@@ -135,7 +135,7 @@ start fake python3 examples/support/fake_upstream.py
 start fake401 python3 examples/support/fake_upstream.py --status 401
 # A user with a $0.001 daily budget: a short request fits, a 2,048-token one cannot.
 start_dev budget API_KEY_SERVER_DAILY_BUDGET_USD=0.001 \
-  API_KEY_SERVER_MODEL_PRICES='{"gpt-4o":{"input":2.5,"output":10},"gpt-4o-mini":{"input":0.15,"output":0.6},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}'
+  API_KEY_SERVER_MODEL_PRICES='{"gpt-4o":{"input":2.5,"output":10},"gpt-4o-mini":{"input":0.15,"output":0.6},"partner-chat-mini":{"input":0.15,"output":0.6},"text-embedding-3-small":{"input":0.02},"text-embedding-3-large":{"input":0.13}}'
 start_dev main
 limits=(API_KEY_SERVER_RATE_LIMIT_CAPACITY=1 API_KEY_SERVER_RATE_LIMIT_REFILL_PER_SECOND=0.5 API_KEY_SERVER_DAILY_QUOTA=2)
 start_dev limited_python "${limits[@]}"

@@ -374,7 +374,12 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
     let each = reservation(&body, 100);
     let budget = 5 * each - 1_000;
     let budget_text = usd(budget);
-    let overrides = [("DAILY_BUDGET_USD", budget_text.as_str()), ("REDIS_URL", &redis.url())];
+    // A Redis slowed by the test machine's load must not count as an outage here.
+    let overrides = [
+        ("DAILY_BUDGET_USD", budget_text.as_str()),
+        ("REDIS_URL", &redis.url()),
+        ("REDIS_TIMEOUT_MS", "5000"),
+    ];
     let a = Arc::new(app(&upstream, &overrides).await);
     let b = Arc::new(app(&upstream, &overrides).await);
     // Both instances reach Redis before the load starts.
@@ -411,6 +416,7 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
         }
     }
     assert_eq!(admitted, 4, "room for four reservations in all, across both instances");
+    assert!(!redis.keys().is_empty(), "the decisions were taken in Redis");
     let spend: Vec<String> = redis
         .keys()
         .into_iter()
@@ -470,6 +476,8 @@ async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_
             ("DAILY_BUDGET_USD", "0.001"),
             ("BUDGET_OUTAGE_SHARE", "0.5"),
             ("REDIS_URL", &url),
+            // Slow under load is not down; paused is (each call then waits this long).
+            ("REDIS_TIMEOUT_MS", "1000"),
             ("DAY_TIMEZONE", zone_away_from_midnight()),
         ],
     )
@@ -555,6 +563,7 @@ async fn the_reservations_of_an_instance_that_dies_are_charged_when_they_expire(
         ("DAILY_BUDGET_USD", "0.01"),
         ("BUDGET_RESERVATION_SECONDS", "60"),
         ("REDIS_URL", &url),
+        ("REDIS_TIMEOUT_MS", "5000"),
         ("DAY_TIMEZONE", zone),
     ] {
         common::set(&mut env, name, value);
@@ -594,6 +603,7 @@ async fn the_reservations_of_an_instance_that_dies_are_charged_when_they_expire(
         ("DAILY_BUDGET_USD", "0.01"),
         ("BUDGET_RESERVATION_SECONDS", "60"),
         ("REDIS_URL", url.as_str()),
+        ("REDIS_TIMEOUT_MS", "5000"),
         ("DAY_TIMEZONE", zone),
     ];
     let other = TestApp::spawn_with_clock(&upstream.mock.url(), &overrides, clock.clock()).await;
@@ -779,6 +789,7 @@ async fn budgets_work_on_redis_cluster() {
         ("PRODUCT_LIMITS", r#"{"demo":{"product_daily_budget_usd":1}}"#),
         ("REDIS_URL", url.as_str()),
         ("REDIS_CLUSTER", "true"),
+        ("REDIS_TIMEOUT_MS", "5000"),
     ];
     let app = app(&upstream, &overrides).await;
     let first = app.chat(CHAT).await;
@@ -813,6 +824,7 @@ async fn a_created_response_keeps_its_settled_tokens_for_the_requests_that_conti
             ("MODEL_PRICES", PRICES),
             ("DAILY_BUDGET_USD", "0.1"),
             ("REDIS_URL", &url),
+            ("REDIS_TIMEOUT_MS", "5000"),
         ],
     )
     .await;

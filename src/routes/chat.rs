@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::meter::Reader;
 use crate::request::{self, Outcome};
-use crate::routes::metering::{self, Metered, Worst};
+use crate::routes::metering::{self, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
@@ -43,17 +43,12 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
             stream_usage: settings.stream_usage(product),
         };
         let chat = validate::chat(&body, settings.policy_for(product), options)?;
-        let prices = app.budgets.settings().prices_of(&chat.metering.model);
         let worst = Worst::of(&chat.metering, chat.body.len(), 0, "messages");
-        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
+        let plan = metering::plan(app, &worst, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
-        let metered = match Metered::admit(app, &identity, &chat.metering.model, reserved).await {
+        let metered = match metering::admit(app, &identity, plan, &grant.headers).await {
             Ok(metered) => metered,
-            Err(refused) => {
-                let mut outcome = metering::refused(refused);
-                grant.headers.write(outcome.response.headers_mut());
-                return Ok(outcome);
-            }
+            Err(refused) => return Ok(refused),
         };
         // Authentication only yields products, and every product has an upstream; a miss
         // here is a defect.

@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::error::ApiError;
 use crate::meter::Reader;
 use crate::request::{self, Outcome};
-use crate::routes::metering::{self, Metered, Worst};
+use crate::routes::metering::{self, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
@@ -37,18 +37,13 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             stream_usage: settings.stream_usage(product),
         };
         let embeddings = validate::embeddings(&body, settings.policy_for(product), options)?;
-        let prices = app.budgets.settings().prices_of(&embeddings.metering.model);
         // Input only: the output limit of an embeddings request is 0.
         let worst = Worst::of(&embeddings.metering, embeddings.body.len(), 0, "input");
-        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
+        let plan = metering::plan(app, &worst, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
-        let metered = match Metered::admit(app, &identity, &embeddings.metering.model, reserved).await {
+        let metered = match metering::admit(app, &identity, plan, &grant.headers).await {
             Ok(metered) => metered,
-            Err(refused) => {
-                let mut outcome = metering::refused(refused);
-                grant.headers.write(outcome.response.headers_mut());
-                return Ok(outcome);
-            }
+            Err(refused) => return Ok(refused),
         };
         let upstream = app.upstream.of(product).ok_or(ApiError::Internal)?;
         let call = Call {

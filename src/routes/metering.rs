@@ -14,6 +14,7 @@ use crate::budget::Nanos;
 use crate::budget::admission::{Admission, BudgetHeaders};
 use crate::budget::price::Prices;
 use crate::error::ApiError;
+use crate::limit::RateLimitHeaders;
 use crate::meter::{Meter, MeterLog, MeteredBody, Reader, Reserved};
 use crate::request::Outcome;
 use crate::upstream::{Cause, Forwarded, UpstreamFailure};
@@ -85,6 +86,37 @@ pub fn reserve_tokens(worst: &Worst<'_>, prices: Option<&Prices>, budgeted: bool
     })
 }
 
+/// A validated request's model, prices and worst case, ready for the budget decision.
+pub struct Plan {
+    model: Box<str>,
+    prices: Option<Prices>,
+    reserved: Reserved,
+}
+
+/// The worst case of a validated request, priced (400 `unsupported_parameter` when it
+/// cannot be reserved while a budget applies): a validation step, so it comes before the
+/// limits.
+pub fn plan(app: &App, worst: &Worst<'_>, budgeted: bool) -> Result<Plan, ApiError> {
+    let prices = app.budgets.settings().prices_of(worst.model).copied();
+    let reserved = reserve_tokens(worst, prices.as_ref(), budgeted)?;
+    Ok(Plan {
+        model: worst.model.into(),
+        prices,
+        reserved,
+    })
+}
+
+/// The budget decision, after the limits: the metered request, or the answer to a
+/// refusal (429 `budget_exceeded` with its log fields and the limits' `headers`).
+pub async fn admit(app: &App, identity: &Identity, plan: Plan, headers: &RateLimitHeaders) -> Result<Metered, Outcome> {
+    Metered::admit(app, identity, plan).await.map_err(|(error, log)| {
+        let mut outcome = Outcome::from(error);
+        outcome.log.meter = Some(log);
+        headers.write(outcome.response.headers_mut());
+        outcome
+    })
+}
+
 /// A metered request after its budget decision.
 pub struct Metered {
     pub log: MeterLog,
@@ -99,14 +131,13 @@ pub struct Metered {
 impl Metered {
     /// The budget decision: admitted (or no budget), or the 429 `budget_exceeded` answer
     /// with its log fields.
-    pub async fn admit(
-        app: &App,
-        identity: &Identity,
-        model: &str,
-        reserved: Reserved,
-    ) -> Result<Self, (ApiError, MeterLog)> {
-        let prices = app.budgets.settings().prices_of(model).copied();
-        let mut log = MeterLog::new(model);
+    async fn admit(app: &App, identity: &Identity, plan: Plan) -> Result<Self, (ApiError, MeterLog)> {
+        let Plan {
+            model,
+            prices,
+            reserved,
+        } = plan;
+        let mut log = MeterLog::new(&model);
         let amount = reserved.cost(prices.as_ref());
         let admission = match app.budgets.admit(identity, amount).await {
             Ok(admission) => admission,
@@ -137,6 +168,11 @@ impl Metered {
         if let Some(budget) = &self.headers {
             budget.write(headers);
         }
+    }
+
+    /// The reservation's input and output tokens.
+    pub fn reserved_tokens(&self) -> u64 {
+        self.reserved.input_tokens.saturating_add(self.reserved.output_tokens)
     }
 
     /// Called with the response's settled input and output tokens when its body ends
@@ -189,13 +225,6 @@ impl Metered {
         outcome.log.meter = Some(self.log);
         outcome
     }
-}
-
-/// The answer to a request a budget refused, with its log fields.
-pub fn refused((error, log): (ApiError, MeterLog)) -> Outcome {
-    let mut outcome = Outcome::from(error);
-    outcome.log.meter = Some(log);
-    outcome
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::lock::lock;
 use crate::meter::Reader;
 use crate::ownership::Owner;
 use crate::request::{self, Outcome};
-use crate::routes::metering::{self, Metered, Worst};
+use crate::routes::metering::{self, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
 use crate::validate;
@@ -42,17 +42,12 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             Some(previous) => app.ownership.check(&owner, previous).await?,
             None => 0,
         };
-        let prices = app.budgets.settings().prices_of(&checked.metering.model);
         let worst = Worst::of(&checked.metering, checked.body.len(), previous_tokens, "input");
-        let reserved = metering::reserve_tokens(&worst, prices, budgeted)?;
+        let plan = metering::plan(app, &worst, budgeted)?;
         let grant = app.limiter.admit(&identity).await?;
-        let mut metered = match Metered::admit(app, &identity, &checked.metering.model, reserved).await {
+        let mut metered = match metering::admit(app, &identity, plan, &grant.headers).await {
             Ok(metered) => metered,
-            Err(refused) => {
-                let mut outcome = metering::refused(refused);
-                grant.headers.write(outcome.response.headers_mut());
-                return Ok(outcome);
-            }
+            Err(refused) => return Ok(refused),
         };
         // The record of the created response gets its settled token count once the body
         // ends (the reservation's until then): what a request continuing it reserves. The
@@ -84,11 +79,11 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         } else {
             Reader::json()
         };
+        let reserved_tokens = metered.reserved_tokens();
         let mut outcome = metered.outcome(app, forwarded, reader).await;
         if outcome.response.status().is_success() {
             let response = std::mem::take(&mut outcome.response);
-            let tokens = reserved.input_tokens.saturating_add(reserved.output_tokens);
-            let (response, id) = app.ownership.record_created(&owner, response, tokens).await;
+            let (response, id) = app.ownership.record_created(&owner, response, reserved_tokens).await;
             outcome.response = response;
             if let Some(id) = &id {
                 let tokens = {
