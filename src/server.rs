@@ -183,6 +183,13 @@ async fn serve(listener: TcpListener, app: Arc<App>, options: Options, shutdown:
         crate::metrics::budget_outage_spend("lost", lost.0);
         tracing::warn!(lost_usd = %lost, "stopping with budget spend that Redis never received: it is lost");
     }
+    let unsettled = app.budgets.unsettled();
+    if unsettled > 0 {
+        tracing::warn!(
+            unsettled,
+            "stopping with settlements Redis never took: their reservations are charged in full when they expire"
+        );
+    }
 }
 
 /// Serves one connection until the client ends it, it stays without a request for the

@@ -284,14 +284,16 @@ impl Budgets {
         }
     }
 
-    /// What stays unwritten to Redis (outage spend and settlements Redis did not take):
-    /// lost if the instance stops now. Logged at shutdown.
+    /// Outage spend not yet written to Redis: lost if the instance stops now (logged and
+    /// counted at shutdown).
     pub fn unreplayed(&self) -> Nanos {
-        let outage = lock(&self.inner.outage).unreplayed();
-        let late = lock(&self.inner.late)
-            .iter()
-            .fold(Nanos::ZERO, |sum, late| sum.saturating_add(late.cost));
-        outage.saturating_add(late)
+        lock(&self.inner.outage).unreplayed()
+    }
+
+    /// Settlements Redis did not take yet: if the instance stops now, their reservations
+    /// are charged in full when they expire (more than was spent, never less).
+    pub fn unsettled(&self) -> usize {
+        lock(&self.inner.late).len()
     }
 
     async fn reserve(
