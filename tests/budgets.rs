@@ -465,10 +465,31 @@ fn zone_away_from_midnight() -> &'static str {
     }
 }
 
+/// How Redis goes away in an outage test, and comes back.
+#[derive(Clone, Copy)]
+enum Outage {
+    /// Frozen (SIGSTOP): connections stay open and nothing answers.
+    Frozen,
+    /// Killed (SIGKILL) and started again from its append-only file.
+    Killed,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_when_it_is_back() {
+    outage_and_return(Outage::Frozen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_while_redis_is_killed_reaches_it_once_it_is_back_from_its_append_only_file() {
+    outage_and_return(Outage::Killed).await;
+}
+
+async fn outage_and_return(outage: Outage) {
     let upstream = Upstream::start().await;
-    let redis = RedisServer::start();
+    let mut redis = match outage {
+        Outage::Frozen => RedisServer::start(),
+        Outage::Killed => RedisServer::start_persistent(),
+    };
     let url = redis.url();
     let app = app(
         &upstream,
@@ -489,7 +510,10 @@ async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_
     let hash = user_hash(&redis, common::USER).expect("the budget lives in Redis");
     assert_eq!(redis.cli(&["HGET", &hash, "spend"]), USAGE_COST.to_string());
 
-    redis.pause();
+    match outage {
+        Outage::Frozen => redis.pause(),
+        Outage::Killed => redis.kill(),
+    }
     // Left when Redis last answered: the budget less the first request's reservation;
     // this instance may admit half of it on its own. Each request below holds its
     // reservation open (the upstream waits), so the allowance fills by reservations.
@@ -527,7 +551,11 @@ async fn spend_during_a_redis_outage_is_bounded_by_the_share_and_added_to_redis_
     }
     assert_eq!(admitted, fit_held, "the outage share bounds what one instance admits");
 
-    redis.resume();
+    match outage {
+        Outage::Frozen => redis.resume(),
+        // Back with what it had written before the kill.
+        Outage::Killed => redis.restart(),
+    }
     // Once Redis answers again, what was spent meanwhile is added to the day's total.
     let expected = (1 + admitted as u64) * USAGE_COST;
     let mut probes = 0;

@@ -134,6 +134,17 @@ impl RedisServer {
         Self::spawn(Vec::new(), false)
     }
 
+    /// A plain node that writes every change to its append-only file before answering:
+    /// killed and started again, it has everything it acknowledged.
+    pub fn start_persistent() -> Self {
+        Self::spawn(
+            ["--appendonly", "yes", "--appendfsync", "always"]
+                .map(str::to_owned)
+                .to_vec(),
+            false,
+        )
+    }
+
     /// A plain node that requires `password` (`AUTH`).
     pub fn start_with_password(password: &str) -> Self {
         let mut server = Self::spawn(vec!["--requirepass".to_owned(), password.to_owned()], false);
@@ -205,8 +216,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty: nothing is persisted) and waits
-    /// until it accepts connections.
+    /// Starts the server again on the same port (empty, unless it was started with
+    /// [`RedisServer::start_persistent`]) and waits until it accepts connections.
     pub fn restart(&mut self) {
         self.kill();
         let child = Command::new("redis-server")
