@@ -320,13 +320,33 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lend(self: &Arc<Self>, response: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+    fn lend(self: &Arc<Self>, mut response: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+        if response.body().size_hint().exact().is_none() {
+            own_header_values(response.headers_mut());
+        }
         response.map(|body| PooledBody::new(body, Arc::clone(self), sender))
     }
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         lock(&self.idle).len()
+    }
+}
+
+/// Replaces each header value with a copy of its bytes. hyper parses a head into slices of
+/// the connection's read buffer, so a value kept alive keeps that whole buffer (8 KiB)
+/// alive, and the connection reads the body into a second one. For an answer of unknown
+/// length (a stream, open for seconds to minutes, whose head the response passes on to the
+/// client) the copies, a few dozen bytes each, let the connection read the body into the
+/// buffer it read the head into: 8 KiB less per open stream (docs/benchmarks.md). Answers
+/// of known length are read at once and their buffer with them: not worth the copies.
+fn own_header_values(headers: &mut http::HeaderMap) {
+    for value in headers.values_mut() {
+        // Always valid: the bytes come from a valid value.
+        if let Ok(mut owned) = http::HeaderValue::from_bytes(value.as_bytes()) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
     }
 }
 
@@ -500,6 +520,36 @@ mod tests {
         let response = pool.send(upstream.request("/empty"), DEADLINE).await.unwrap();
         assert!(response.body().is_end_stream());
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_streams_head_is_copied_out_of_the_read_buffer_intact() {
+        let (addr, _) = raw_upstream(|mut socket| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut request = Vec::new();
+            while !request.ends_with(b"{}") {
+                let mut chunk = [0; 1024];
+                match socket.read(&mut chunk).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a: 1\r\nx-a: 2\r\n\
+                transfer-encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n";
+            let _ = socket.write_all(reply).await;
+        })
+        .await;
+        let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
+        let response = pool
+            .send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+            .await
+            .unwrap();
+        let headers = response.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+        let repeated: Vec<_> = headers.get_all("x-a").iter().collect();
+        assert_eq!(repeated, ["1", "2"], "every value, in order");
+        assert_eq!(headers[header::TRANSFER_ENCODING], "chunked");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "one");
     }
 
     #[tokio::test]
@@ -874,7 +924,10 @@ mod tests {
         if soft >= needed {
             return;
         }
-        assert!(hard >= needed, "this test needs {needed} open files, the hard limit is {hard}");
+        assert!(
+            hard >= needed,
+            "this test needs {needed} open files, the hard limit is {hard}"
+        );
         let status = std::process::Command::new("prlimit")
             .arg(format!("--pid={}", std::process::id()))
             .arg(format!("--nofile={needed}:"))
