@@ -84,9 +84,10 @@ fi
 export PATH=$PATH:/usr/sbin
 
 # Each open stream costs the process under test two sockets (client and upstream), the
-# generator one and the mock one: raise the soft limit on open files to the hard one
-# (allowed without root); the rows that need more are skipped, and say so.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# generator one and the mock one: raise the limit on open files to 65,536 where the
+# process may (root with CAP_SYS_RESOURCE, up to fs.nr_open), else the soft limit to the
+# hard one (allowed to anyone); the rows that need more are skipped, and say so.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 fd_limit=$(ulimit -n)
 
 target=${CARGO_TARGET_DIR:-target}
@@ -375,7 +376,12 @@ for n in $stream_scales; do
   if $smoke; then
     record "{\"label\":\"streams-$n-nginx-skipped\",\"reason\":\"smoke mode does not start nginx\"}"
   elif command -v nginx >/dev/null; then
-    start_nginx "streams-$n-nginx" "$scale_mock" "$need_fds"
+    # Room beyond one client and one upstream connection per stream: with exactly that,
+    # nginx warned "worker_connections are not enough, reusing connections" at 4,000 and
+    # closed clients' keep-alive connections under them.
+    nginx_conns=$((3 * n + 256))
+    [ "$nginx_conns" -le "$((fd_limit - 64))" ] || nginx_conns=$((fd_limit - 64))
+    start_nginx "streams-$n-nginx" "$scale_mock" "$nginx_conns"
     scale "streams-$n-nginx" "$n" "$nginx_url" "$nginx_pid $workers"
     stop "$nginx_pid"
   else

@@ -173,6 +173,22 @@ impl LogLine {
         &self.id
     }
 
+    /// Replaces what the line keeps of the request (path, user agent, trace, a client's
+    /// request id) with copies. hyper parses a request head into slices of the
+    /// connection's read buffer, and a slice kept alive keeps that whole buffer (8 KiB)
+    /// alive while the connection reads into a second one. A response of unknown length
+    /// (a stream) keeps the line for seconds to minutes: the copies, a few dozen bytes,
+    /// save 8 KiB per open stream (docs/benchmarks.md). Other responses end at once.
+    fn own_request_bytes(&mut self) {
+        let copy = |value: &HeaderValue| HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        if let Ok(uri) = http::Uri::from_maybe_shared(Bytes::from(self.uri.to_string())) {
+            self.uri = uri;
+        }
+        self.id.0 = copy(&self.id.0);
+        self.user_agent = self.user_agent.as_ref().map(copy);
+        self.trace = self.trace.as_ref().map(copy);
+    }
+
     /// Stamps the request id on the response and hands the line to its body, which writes
     /// it when it ends.
     pub fn finish(mut self, outcome: Outcome) -> http::Response<LoggedBody> {
@@ -180,6 +196,9 @@ impl LogLine {
         response.headers_mut().insert(X_REQUEST_ID, self.id.0.clone());
         self.status = response.status().as_u16();
         self.log = log;
+        if response.body().size_hint().exact().is_none() {
+            self.own_request_bytes();
+        }
         response.map(|body| LoggedBody {
             inner: body,
             line: Some(self),

@@ -6,9 +6,12 @@
 //! wait for the connection to be ready again. Here a checkout is a pop under a mutex held
 //! for a few instructions, and no task is spawned per request (one per connection).
 //!
-//! New connections are bounded ([`Limits`]): at most 1024 open and 256 being established
+//! New connections are bounded ([`Limits`]): at most 16,384 open and 256 being established
 //! (TCP and TLS handshakes) at once, so that a burst or a slow upstream cannot make the
-//! instance open sockets without end. A request that finds no room waits, within its
+//! instance open sockets without end. A stream holds its connection for its whole length,
+//! so the open bound is the number of concurrent streams one origin can carry: far above
+//! what one instance serves (Cloud Run allows 1,000 concurrent requests), so that the
+//! file-descriptor limit, not this bound, is what a flood of streams meets first. A request that finds no room waits, within its
 //! `UPSTREAM_TIMEOUT_SECONDS` deadline, for room or for a connection given back to the
 //! pool, whichever comes first; when the deadline passes while it waits, it fails with
 //! [`Cause::PoolWait`] (502 `upstream_timeout`).
@@ -68,9 +71,11 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// 1024 open, as many as the pool keeps idle; 256 handshakes at once.
+    /// 16,384 open (16 times as many as the pool keeps idle: streams in flight hold theirs);
+    /// 256 handshakes at once. With 1,024 open, 4,000 concurrent streams to one origin
+    /// queued behind the 1,024 in flight and failed with `pool_wait` (issue 17).
     pub(crate) const DEFAULT: Self = Self {
-        open: 1024,
+        open: 16 * 1024,
         connecting: 256,
     };
 }
@@ -315,13 +320,33 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lend(self: &Arc<Self>, response: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+    fn lend(self: &Arc<Self>, mut response: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+        if response.body().size_hint().exact().is_none() {
+            own_header_values(response.headers_mut());
+        }
         response.map(|body| PooledBody::new(body, Arc::clone(self), sender))
     }
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         lock(&self.idle).len()
+    }
+}
+
+/// Replaces each header value with a copy of its bytes. hyper parses a head into slices of
+/// the connection's read buffer, so a value kept alive keeps that whole buffer (8 KiB)
+/// alive, and the connection reads the body into a second one. For an answer of unknown
+/// length (a stream, open for seconds to minutes, whose head the response passes on to the
+/// client) the copies, a few dozen bytes each, let the connection read the body into the
+/// buffer it read the head into: 8 KiB less per open stream (docs/benchmarks.md). Answers
+/// of known length are read at once and their buffer with them: not worth the copies.
+fn own_header_values(headers: &mut http::HeaderMap) {
+    for value in headers.values_mut() {
+        // Always valid: the bytes come from a valid value.
+        if let Ok(mut owned) = http::HeaderValue::from_bytes(value.as_bytes()) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
     }
 }
 
@@ -495,6 +520,36 @@ mod tests {
         let response = pool.send(upstream.request("/empty"), DEADLINE).await.unwrap();
         assert!(response.body().is_end_stream());
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_streams_head_is_copied_out_of_the_read_buffer_intact() {
+        let (addr, _) = raw_upstream(|mut socket| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut request = Vec::new();
+            while !request.ends_with(b"{}") {
+                let mut chunk = [0; 1024];
+                match socket.read(&mut chunk).await {
+                    Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a: 1\r\nx-a: 2\r\n\
+                transfer-encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n";
+            let _ = socket.write_all(reply).await;
+        })
+        .await;
+        let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
+        let response = pool
+            .send(raw_post(addr, Bytes::from_static(b"{}")), DEADLINE)
+            .await
+            .unwrap();
+        let headers = response.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+        let repeated: Vec<_> = headers.get_all("x-a").iter().collect();
+        assert_eq!(repeated, ["1", "2"], "every value, in order");
+        assert_eq!(headers[header::TRANSFER_ENCODING], "chunked");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "one");
     }
 
     #[tokio::test]
@@ -856,6 +911,91 @@ mod tests {
             assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// Raises this process's soft limit on open files to `needed` when it is lower (up to
+    /// the hard limit, as any process may), through util-linux's `prlimit`: the crate has
+    /// no `unsafe` for `setrlimit`. Panics when even the hard limit is too low.
+    fn raise_fd_limit(needed: u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let mut numbers = line.split_whitespace().filter_map(|w| w.parse::<u64>().ok());
+        let (soft, hard) = (numbers.next().unwrap(), numbers.next().unwrap_or(u64::MAX));
+        if soft >= needed {
+            return;
+        }
+        assert!(
+            hard >= needed,
+            "this test needs {needed} open files, the hard limit is {hard}"
+        );
+        let status = std::process::Command::new("prlimit")
+            .arg(format!("--pid={}", std::process::id()))
+            .arg(format!("--nofile={needed}:"))
+            .status()
+            .expect("prlimit (util-linux) raises the soft limit on open files");
+        assert!(status.success());
+    }
+
+    #[tokio::test]
+    async fn more_than_1024_concurrent_streams_to_one_origin_all_flow() {
+        // Every stream stays open until all have received their first chunk: with the
+        // old bound of 1,024 open connections, the 1,025th waited for room until its
+        // deadline and failed with `pool_wait`.
+        const STREAMS: usize = 1100;
+        raise_fd_limit(2 * STREAMS as u64 + 512);
+        let (finish, finished) = tokio::sync::watch::channel(false);
+        let (addr, accepted) = raw_upstream(move |mut socket| {
+            let mut finished = finished.clone();
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut request = Vec::new();
+                while !request.ends_with(b"{}") {
+                    let mut chunk = [0; 1024];
+                    match socket.read(&mut chunk).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                if socket.write_all(head).await.is_err() {
+                    return;
+                }
+                let _ = finished.wait_for(|finished| *finished).await;
+                let _ = socket.write_all(b"4\r\nlast\r\n0\r\n\r\n").await;
+            }
+        })
+        .await;
+        let pool = Pool::new(format!("http://{addr}/").parse().unwrap());
+        let (started_tx, mut started) = mpsc::channel(STREAMS);
+        let mut streams = Vec::with_capacity(STREAMS);
+        for _ in 0..STREAMS {
+            let (pool, started_tx) = (Arc::clone(&pool), started_tx.clone());
+            streams.push(tokio::spawn(async move {
+                let deadline = Duration::from_secs(30);
+                let response = match pool.send(raw_post(addr, Bytes::from_static(b"{}")), deadline).await {
+                    Ok(response) => response,
+                    Err(cause) => {
+                        let _ = started_tx.send(Err(cause)).await;
+                        return None;
+                    }
+                };
+                let mut body = response.into_body();
+                let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+                let _ = started_tx.send(Ok(())).await;
+                let rest = body.collect().await.unwrap().to_bytes();
+                Some([first, rest].concat())
+            }));
+        }
+        drop(started_tx);
+        for _ in 0..STREAMS {
+            let started = started.recv().await.expect("every stream reports");
+            assert_eq!(started, Ok(()), "every stream gets its answer and first chunk");
+        }
+        finish.send(true).unwrap();
+        for stream in streams {
+            assert_eq!(stream.await.unwrap().as_deref(), Some(&b"firstlast"[..]));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), STREAMS, "one connection per stream");
     }
 
     #[tokio::test]
