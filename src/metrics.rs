@@ -18,9 +18,10 @@
 //! The listener serves only `GET /metrics`. On Cloud Run the port is reachable only
 //! inside the instance, by the Managed Prometheus sidecar (see `deploy/`).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, RwLock};
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
@@ -259,22 +260,60 @@ pub fn limiter_decision(outcome: &'static str, backend: &'static str) {
         .inc();
 }
 
-/// Counts a metered response's tokens and, for a priced model, its cost in 1e-9 USD.
-pub fn usage(product: &str, model: &str, input: u64, cached: u64, output: u64, cost_nanos: Option<u64>) {
-    for (kind, tokens) in [("input", input), ("cached", cached), ("output", output)] {
-        let labels = TokenLabels {
-            product: product.to_owned(),
-            model: model.to_owned(),
-            kind,
-        };
-        METRICS.tokens.get_or_create(&labels).inc_by(tokens);
+/// One (product, model)'s usage counters: input, cached and output tokens, and cost.
+#[derive(Clone)]
+struct UsageCounters([Counter; 4]);
+
+/// The usage counters by product, then model: looked up by `&str`, so that counting a
+/// request allocates nothing once its (product, model) was seen.
+static USAGE: LazyLock<RwLock<HashMap<String, HashMap<String, UsageCounters>>>> = LazyLock::new(RwLock::default);
+
+fn usage_counters(product: &str, model: &str) -> UsageCounters {
+    if let Some(counters) = read(&USAGE).get(product).and_then(|models| models.get(model)) {
+        return counters.clone();
     }
-    if let Some(nanos) = cost_nanos {
-        let labels = UsageLabels {
+    let token = |kind| {
+        METRICS
+            .tokens
+            .get_or_create(&TokenLabels {
+                product: product.to_owned(),
+                model: model.to_owned(),
+                kind,
+            })
+            .clone()
+    };
+    let cost = METRICS
+        .cost
+        .get_or_create(&UsageLabels {
             product: product.to_owned(),
             model: model.to_owned(),
-        };
-        METRICS.cost.get_or_create(&labels).inc_by(nanos);
+        })
+        .clone();
+    let counters = UsageCounters([token("input"), token("cached"), token("output"), cost]);
+    write(&USAGE)
+        .entry(product.to_owned())
+        .or_default()
+        .insert(model.to_owned(), counters.clone());
+    counters
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts a metered response's tokens and, for a priced model, its cost in 1e-9 USD.
+/// `product` and `model` are bounded by the settings (validation allowed the model).
+pub fn usage(product: &str, model: &str, input: u64, cached: u64, output: u64, cost_nanos: Option<u64>) {
+    let UsageCounters([input_counter, cached_counter, output_counter, cost]) = usage_counters(product, model);
+    input_counter.inc_by(input);
+    cached_counter.inc_by(cached);
+    output_counter.inc_by(output);
+    if let Some(nanos) = cost_nanos {
+        cost.inc_by(nanos);
     }
 }
 

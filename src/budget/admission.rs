@@ -22,7 +22,7 @@ use super::redis::RedisBudgets;
 use super::{Decision, Nanos, ReservationId, ReservationIds, Scope};
 use crate::auth::Identity;
 use crate::clock::Clock;
-use crate::day::{Day, DayZone};
+use crate::day::{Day, DayCache, DayZone};
 use crate::lock::lock;
 use crate::settings::BudgetSettings;
 use crate::store::Store;
@@ -117,7 +117,8 @@ pub struct Budgets {
 
 struct Inner {
     settings: BudgetSettings,
-    zone: DayZone,
+    /// The day in `DAY_TIMEZONE`, worked out once per day rather than per request.
+    days: DayCache,
     clock: Clock,
     ids: ReservationIds,
     memory: MemoryBudgets,
@@ -139,7 +140,7 @@ impl Budgets {
         Self {
             inner: Arc::new(Inner {
                 settings: settings.clone(),
-                zone,
+                days: DayCache::new(zone),
                 ids,
                 memory: MemoryBudgets::new(ttl),
                 redis: store.map(|store| RedisBudgets::new(store, ttl)),
@@ -198,7 +199,7 @@ impl Budgets {
             return Ok(None);
         }
         let now = self.now();
-        let day = self.inner.zone.day_at(now);
+        let day = self.inner.days.days_at(now).today;
         let id = self.inner.ids.next();
         let mut admission = Admission {
             id,
@@ -232,7 +233,7 @@ impl Budgets {
                 self.settle(admission, Nanos::ZERO).await;
                 return Err(Refusal {
                     scope: scope.kind(),
-                    retry_after: self.inner.zone.until_next_day(now),
+                    retry_after: self.inner.days.zone().until_next_day(now),
                     headers,
                     store,
                 });

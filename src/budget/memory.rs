@@ -61,7 +61,8 @@ struct DayState {
 
 #[derive(Debug, Default)]
 struct State {
-    days: BTreeMap<String, DayState>,
+    /// Keyed by the day's first instant: one zone's days never share it.
+    days: BTreeMap<i64, DayState>,
     scopes: usize,
     records: usize,
 }
@@ -104,7 +105,7 @@ impl MemoryBudgets {
         let mut state = lock(&self.state);
         self.prune_days(&mut state, now);
         let state = &mut *state;
-        let day_state = state.days.entry(day.key()).or_insert_with(|| DayState {
+        let day_state = state.days.entry(day.start).or_insert_with(|| DayState {
             end: day.end,
             scopes: HashMap::new(),
         });
@@ -163,7 +164,7 @@ impl MemoryBudgets {
     pub fn settle(&self, scope: &Scope, id: &ReservationId, actual: Nanos, day: &Day, now: i64) -> Settlement {
         let mut state = lock(&self.state);
         let state = &mut *state;
-        let Some(scope_state) = state.days.get_mut(&day.key()).and_then(|d| d.scopes.get_mut(scope)) else {
+        let Some(scope_state) = state.days.get_mut(&day.start).and_then(|d| d.scopes.get_mut(scope)) else {
             return Settlement::Unknown;
         };
         state.records -= sweep(scope_state, now);
@@ -191,7 +192,7 @@ impl MemoryBudgets {
     pub fn spend(&self, scope: &Scope, day: &Day, now: i64) -> Spend {
         let mut state = lock(&self.state);
         let state = &mut *state;
-        let Some(scope_state) = state.days.get_mut(&day.key()).and_then(|d| d.scopes.get_mut(scope)) else {
+        let Some(scope_state) = state.days.get_mut(&day.start).and_then(|d| d.scopes.get_mut(scope)) else {
             return Spend::default();
         };
         state.records -= sweep(scope_state, now);
@@ -209,11 +210,11 @@ impl MemoryBudgets {
     /// Forgets the days whose reservations can no longer be settled.
     fn prune_days(&self, state: &mut State, now: i64) {
         let horizon = self.ttl.saturating_add(DAY_MARGIN_SECONDS);
-        let over: Vec<String> = state
+        let over: Vec<i64> = state
             .days
             .iter()
             .filter(|(_, d)| d.end.saturating_add(horizon) <= now)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         for key in over {
             if let Some(day) = state.days.remove(&key) {
