@@ -142,7 +142,7 @@ impl Budgets {
                 settings: settings.clone(),
                 days: DayCache::new(zone),
                 ids,
-                memory: MemoryBudgets::new(ttl),
+                memory: MemoryBudgets::in_process(ttl),
                 redis: store.map(|store| RedisBudgets::new(store, ttl)),
                 outage: Mutex::new(Outage::new(
                     settings.outage_share,

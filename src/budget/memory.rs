@@ -74,6 +74,10 @@ pub struct MemoryBudgets {
     ttl: i64,
     max_scopes: usize,
     max_records: usize,
+    /// Keep settled markers (the model of the Redis scripts, whose calls may be repeated);
+    /// off for the store admission uses without Redis, which settles each reservation
+    /// exactly once in this process.
+    keep_markers: bool,
 }
 
 impl MemoryBudgets {
@@ -88,6 +92,18 @@ impl MemoryBudgets {
             ttl: i64::try_from(reservation_ttl.as_secs()).unwrap_or(i64::MAX / 4),
             max_scopes,
             max_records,
+            keep_markers: true,
+        }
+    }
+
+    /// The store of an instance without Redis: each reservation is settled once, by this
+    /// process, so a settled one is forgotten at once instead of being kept as a marker
+    /// for `reservation_ttl` (at thousands of requests a second, markers would fill the
+    /// caps within minutes and refuse every request).
+    pub fn in_process(reservation_ttl: Duration) -> Self {
+        Self {
+            keep_markers: false,
+            ..Self::new(reservation_ttl)
         }
     }
 
@@ -181,9 +197,14 @@ impl MemoryBudgets {
             Some(Record::Settled { .. }) | None => return Settlement::Unknown,
         };
         scope_state.spend = scope_state.spend.saturating_add(actual.0).min(Nanos::MAX.0);
-        scope_state
-            .records
-            .insert(id.as_str().to_owned(), Record::Settled { forget_at });
+        if !self.keep_markers {
+            scope_state.records.remove(id.as_str());
+            state.records -= 1;
+            return outcome;
+        }
+        if let Some(record) = scope_state.records.get_mut(id.as_str()) {
+            *record = Record::Settled { forget_at };
+        }
         scope_state.next_due = Some(scope_state.next_due.map_or(forget_at, |d| d.min(forget_at)));
         outcome
     }
@@ -321,6 +342,26 @@ mod tests {
                 remaining_before: Nanos(50)
             })
         );
+    }
+
+    #[test]
+    fn in_process_a_settled_reservation_is_forgotten_at_once() {
+        let store = MemoryBudgets::in_process(TTL);
+        let ids = ReservationIds::with_instance("t");
+        let day = today();
+        for _ in 0..10 {
+            let id = ids.next();
+            assert!(
+                store
+                    .reserve(&user(), Nanos(100), &id, Nanos(30), &day, NOW)
+                    .unwrap()
+                    .is_admitted()
+            );
+            assert_eq!(store.settle(&user(), &id, Nanos(1), &day, NOW), Settlement::Settled);
+            assert_eq!(store.settle(&user(), &id, Nanos(1), &day, NOW), Settlement::Unknown);
+        }
+        assert_eq!(store.records(), 0);
+        assert_eq!(store.spend(&user(), &day, NOW).spent, Nanos(10));
     }
 
     #[test]
