@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use crate::app::App;
 use crate::error::ApiError;
 use crate::meter::Reader;
-use crate::request::{self, Outcome};
+use crate::request::Outcome;
 use crate::routes::metering::{self, Worst};
 use crate::telemetry::RequestId;
 use crate::upstream::Call;
@@ -21,20 +21,11 @@ const PATH: &str = "/chat/completions";
 /// the answer, metered as it passes. Every answer after the limit decision carries the
 /// bucket's headers, and after the budget decision the budget's.
 pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
-    let (parts, body) = request.into_parts();
-    let settings = &app.settings;
-    let body = match request::read_body(body, &parts.headers, settings.max_body_bytes, settings.client_timeout).await {
-        Ok(body) => body,
+    let (parts, identity, body) = match super::authenticate(app, request).await {
+        Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
-    let identity = match app
-        .auth
-        .verify(&Method::POST, parts.uri.path(), &parts.headers, &body)
-        .await
-    {
-        Ok(identity) => identity,
-        Err(error) => return ApiError::from(error).into(),
-    };
+    let settings = &app.settings;
     let result = async {
         let product = &identity.product;
         let budgeted = metering::budgeted(app, &identity);

@@ -15,20 +15,11 @@ use crate::validate;
 /// Body (413, 408) -> authentication (401, 403) -> validation (400) -> limits (429) ->
 /// budgets (429 `budget_exceeded`) -> upstream -> the answer, metered as it passes.
 pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
-    let (parts, body) = request.into_parts();
-    let settings = &app.settings;
-    let body = match request::read_body(body, &parts.headers, settings.max_body_bytes, settings.client_timeout).await {
-        Ok(body) => body,
+    let (parts, identity, body) = match super::authenticate(app, request).await {
+        Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
-    let identity = match app
-        .auth
-        .verify(&Method::POST, parts.uri.path(), &parts.headers, &body)
-        .await
-    {
-        Ok(identity) => identity,
-        Err(error) => return ApiError::from(error).into(),
-    };
+    let settings = &app.settings;
     let result = async {
         let product = &identity.product;
         let budgeted = metering::budgeted(app, &identity);

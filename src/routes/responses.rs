@@ -4,12 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use http::request::Parts;
 use http::{Method, Request};
 use hyper::body::Incoming;
 
 use crate::app::{App, RESPONSES_PREFIX};
-use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::lock::lock;
 use crate::meter::Reader;
@@ -25,7 +23,7 @@ use crate::validate;
 /// -> upstream -> the answer, metered as it passes; the created response's id is
 /// recorded for its owner before the client sees it.
 pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Outcome {
-    let (parts, identity, body) = match authenticate(app, request).await {
+    let (parts, identity, body) = match super::authenticate(app, request).await {
         Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
@@ -123,7 +121,7 @@ pub enum Stored {
 /// upstream; 503 while it cannot be told) -> limits -> [budget] -> upstream. A `2xx`
 /// answer to `DELETE` removes the record.
 pub async fn stored(app: &App, request: Request<Incoming>, id: &RequestId, action: Stored) -> Outcome {
-    let (parts, identity, _body) = match authenticate(app, request).await {
+    let (parts, identity, _body) = match super::authenticate(app, request).await {
         Ok(authenticated) => authenticated,
         Err(refused) => return refused,
     };
@@ -175,18 +173,6 @@ fn response_id(path: &str) -> Option<&str> {
     let valid =
         !id.is_empty() && id.len() <= 256 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     valid.then_some(id)
-}
-
-async fn authenticate(app: &App, request: Request<Incoming>) -> Result<(Parts, Identity, bytes::Bytes), Outcome> {
-    let (parts, body) = request.into_parts();
-    let settings = &app.settings;
-    let body = request::read_body(body, &parts.headers, settings.max_body_bytes, settings.client_timeout).await?;
-    let identity = app
-        .auth
-        .verify(&parts.method, parts.uri.path(), &parts.headers, &body)
-        .await
-        .map_err(|error| Outcome::from(ApiError::from(error)))?;
-    Ok((parts, identity, body))
 }
 
 #[cfg(test)]
