@@ -15,20 +15,23 @@ pub mod price;
 pub mod redis;
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use self::price::Nanos;
 use crate::store::id_part;
 
-/// What a budget applies to (contract: "Scopes").
+/// What a budget applies to (contract: "Scopes"). The names are the identity's shared
+/// strings: a request's scopes cost no copies.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// (product, user): `DAILY_BUDGET_USD` or `PRODUCT_LIMITS[p].daily_budget_usd`.
-    User { product: String, user: String },
+    User { product: Arc<str>, user: Arc<str> },
     /// All users of a product: `PRODUCT_LIMITS[p].product_daily_budget_usd`.
-    Product(String),
+    Product(Arc<str>),
     /// An HMAC client: `CLIENT_LIMITS[c].daily_budget_usd`.
-    Client(String),
+    Client(Arc<str>),
 }
 
 impl Scope {
@@ -55,31 +58,50 @@ impl Scope {
 
 /// A reservation's id: unique to one request across all instances (an instance id and
 /// a counter of its own), never the client's `x-request-id`, which a client may reuse.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ReservationId(String);
+/// Its text, `<instance>-<counter>[-<scope kind>]`, is written only where it leaves the
+/// process (Redis); in memory it is compared and hashed as numbers.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReservationId {
+    instance: Arc<str>,
+    counter: u64,
+    /// A request reserves in up to three scopes, and the outage ledger keys its
+    /// reservations by id alone: each scope's reservation carries the scope's kind.
+    kind: Option<&'static str>,
+}
 
 impl ReservationId {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The id of this request's reservation in one kind of scope: a request reserves in
-    /// up to three scopes, and the outage ledger keys its reservations by id alone.
+    /// The id of this request's reservation in one kind of scope.
     #[must_use]
     pub fn in_scope(&self, scope: &Scope) -> Self {
-        Self(format!("{}-{}", self.0, scope.kind()))
+        Self {
+            kind: Some(scope.kind()),
+            ..self.clone()
+        }
+    }
+}
+
+/// The counter and the kind tell this process's ids apart; equality still compares the
+/// instance (ids of two instances meet in tests and in Redis replays).
+impl Hash for ReservationId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.counter.hash(state);
+        self.kind.hash(state);
     }
 }
 
 impl fmt::Debug for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(self, f)
     }
 }
 
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "{}-{}", self.instance, self.counter)?;
+        match self.kind {
+            Some(kind) => write!(f, "-{kind}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -87,7 +109,7 @@ impl fmt::Display for ReservationId {
 /// random bits drawn at start (two instances, or one restarted, never share ids).
 #[derive(Debug)]
 pub struct ReservationIds {
-    instance: String,
+    instance: Arc<str>,
     next: AtomicU64,
 }
 
@@ -102,15 +124,18 @@ impl ReservationIds {
     /// Ids under a given instance id (tests, and instances that already have one).
     pub fn with_instance(instance: &str) -> Self {
         Self {
-            instance: instance.to_owned(),
+            instance: instance.into(),
             next: AtomicU64::new(0),
         }
     }
 
     /// The next id; never the same twice in this process.
     pub fn next(&self) -> ReservationId {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        ReservationId(format!("{}-{n}", self.instance))
+        ReservationId {
+            instance: Arc::clone(&self.instance),
+            counter: self.next.fetch_add(1, Ordering::Relaxed),
+            kind: None,
+        }
     }
 }
 
@@ -177,20 +202,24 @@ mod tests {
         let first = a.next();
         assert_ne!(first, a.next());
         assert_ne!(first, b.next());
-        assert_eq!(ReservationIds::with_instance("i1").next().as_str(), "i1-0");
+        let ids = ReservationIds::with_instance("i1");
+        let id = ids.next();
+        assert_eq!(id.to_string(), "i1-0");
+        let scope = Scope::Product("p".into());
+        assert_eq!(id.in_scope(&scope).to_string(), "i1-0-product");
+        assert_ne!(id.in_scope(&scope), id);
+        // Equal counters of two instances are two ids.
+        assert_ne!(ReservationIds::with_instance("i2").next(), id);
     }
 
     #[test]
     fn scope_tags_cannot_collide_or_escape_the_hash_tag() {
         let user = Scope::User {
-            product: "p".to_owned(),
-            user: "u}:{x".to_owned(),
+            product: "p".into(),
+            user: "u}:{x".into(),
         };
         assert!(!user.tag().contains(['{', '}']));
-        assert_ne!(
-            Scope::Product("p".to_owned()).tag(),
-            Scope::Client("p".to_owned()).tag()
-        );
+        assert_ne!(Scope::Product("p".into()).tag(), Scope::Client("p".into()).tag());
         assert_eq!(user.kind(), "user");
     }
 }

@@ -208,7 +208,9 @@ impl MeteredBody {
     fn finish(&mut self) {
         let Some(mut meter) = self.meter.take() else { return };
         let cost = meter.figures(self.reader.usage());
-        if let Some((budgets, admission)) = meter.budget {
+        if let Some((budgets, admission)) = meter.budget
+            && let Some(admission) = budgets.settle_locally(admission, cost)
+        {
             self.settling = Some(Box::pin(async move { budgets.settle(admission, cost).await }));
         }
     }

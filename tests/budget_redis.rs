@@ -31,8 +31,8 @@ fn budgets(url: &str, cluster: bool) -> RedisBudgets {
 
 fn user(name: &str) -> Scope {
     Scope::User {
-        product: "demo".to_owned(),
-        user: name.to_owned(),
+        product: "demo".into(),
+        user: name.into(),
     }
 }
 
@@ -214,7 +214,7 @@ async fn keys_sit_under_the_scope_hash_tag_and_outlive_the_day_by_the_window_plu
     let day = zone.day_at(t);
     let id = ReservationIds::with_instance("k").next();
     budgets
-        .reserve(&Scope::Product("demo".to_owned()), Nanos(10), &id, Nanos(1), &day, t)
+        .reserve(&Scope::Product("demo".into()), Nanos(10), &id, Nanos(1), &day, t)
         .await
         .unwrap();
     let mut keys = redis.keys();
@@ -235,7 +235,7 @@ async fn amounts_beyond_a_doubles_exact_range_are_compared_exactly() {
     let redis = RedisServer::start();
     let budgets = budgets(&redis.url(), false);
     let ids = ReservationIds::with_instance("big");
-    let (scope, day) = (Scope::Client("desk".to_owned()), today);
+    let (scope, day) = (Scope::Client("desk".into()), today);
     // 2^53 + 1 is the first integer a double cannot hold; the budget is 1e18 nanos.
     let budget = Nanos(1_000_000_000_000_000_000);
     let big = Nanos((1 << 53) + 1);

@@ -107,8 +107,8 @@ fn writer(url: &str, cluster: bool, ca_cert: Option<Vec<u8>>) -> RedisBudgets {
 
 fn user(product: &str, user: &str) -> Scope {
     Scope::User {
-        product: product.to_owned(),
-        user: user.to_owned(),
+        product: product.into(),
+        user: user.into(),
     }
 }
 
@@ -148,7 +148,7 @@ async fn write_day(budgets: &RedisBudgets) {
         budgets,
         &ids,
         &day,
-        &Scope::Client("desk".to_owned()),
+        &Scope::Client("desk".into()),
         2_500_000_000,
         Some(2_000_000_000),
     )
@@ -167,7 +167,7 @@ async fn write_day(budgets: &RedisBudgets) {
         budgets,
         &ids,
         &day,
-        &Scope::Product("other".to_owned()),
+        &Scope::Product("other".into()),
         900_000_000,
         Some(700_000_000),
     )
@@ -198,7 +198,7 @@ async fn write_day(budgets: &RedisBudgets) {
         budgets,
         &ids,
         &day,
-        &Scope::Product("demo".to_owned()),
+        &Scope::Product("demo".into()),
         10_000_000,
         Some(10_000_000),
     )

@@ -101,6 +101,14 @@ pub struct Refusal {
     pub store: BudgetStore,
 }
 
+/// The caller's (product, user) scope.
+fn user_scope(identity: &Identity) -> Scope {
+    Scope::User {
+        product: Arc::clone(&identity.product),
+        user: Arc::clone(&identity.user),
+    }
+}
+
 /// A settlement Redis could not take when it was made.
 struct Late {
     scope: Scope,
@@ -176,28 +184,20 @@ impl Budgets {
     /// this request reserved already.
     pub async fn admit(&self, identity: &Identity, amount: Nanos) -> Result<Option<Admission>, Refusal> {
         let settings = &self.inner.settings;
-        let mut scopes: Vec<(Scope, Nanos)> = Vec::with_capacity(3);
-        if let Some(client) = &identity.client
-            && let Some(budget) = settings.client_budget(client)
-        {
-            scopes.push((Scope::Client(client.to_string()), budget));
-        }
-        if let Some(budget) = settings.product_budget(&identity.product) {
-            scopes.push((Scope::Product(identity.product.to_string()), budget));
-        }
+        let client = identity
+            .client
+            .as_ref()
+            .and_then(|client| Some((Scope::Client(Arc::clone(client)), settings.client_budget(client)?)));
+        let product = settings
+            .product_budget(&identity.product)
+            .map(|budget| (Scope::Product(Arc::clone(&identity.product)), budget));
         let user_budget = settings.user_budget(&identity.product);
-        if let Some(budget) = user_budget {
-            scopes.push((
-                Scope::User {
-                    product: identity.product.to_string(),
-                    user: identity.user.to_string(),
-                },
-                budget,
-            ));
-        }
-        if scopes.is_empty() {
+        let user = user_budget.map(|budget| (user_scope(identity), budget));
+        let count = usize::from(client.is_some()) + usize::from(product.is_some()) + usize::from(user.is_some());
+        if count == 0 {
             return Ok(None);
         }
+        let scopes = [client, product, user].into_iter().flatten();
         let now = self.now();
         let day = self.inner.days.days_at(now).today;
         let id = self.inner.ids.next();
@@ -205,7 +205,7 @@ impl Budgets {
             id,
             day,
             amount,
-            scopes: Vec::with_capacity(scopes.len()),
+            scopes: Vec::with_capacity(count),
             headers: None,
             store: BudgetStore::Redis,
         };
@@ -241,6 +241,25 @@ impl Budgets {
             admission.scopes.push((scope, place));
         }
         Ok(Some(admission))
+    }
+
+    /// Settles `admission` at once when none of its reservations is in Redis (memory and
+    /// the outage ledger need no waiting); else gives it back, for [`Self::settle`].
+    #[must_use]
+    pub fn settle_locally(&self, admission: Admission, cost: Nanos) -> Option<Admission> {
+        if admission.scopes.iter().any(|(_, place)| *place == Place::Redis) {
+            return Some(admission);
+        }
+        let now = self.now();
+        for (scope, place) in &admission.scopes {
+            let scoped = admission.id.in_scope(scope);
+            if *place == Place::Memory {
+                self.inner.memory.settle(scope, &scoped, cost, &admission.day, now);
+            } else {
+                lock(&self.inner.outage).settle(&scoped, cost);
+            }
+        }
+        None
     }
 
     /// Replaces the reservations of `admission` with `cost` (0 releases them).
@@ -279,6 +298,9 @@ impl Budgets {
     /// Settles `admission` on a task of its own: for a response dropped before its end,
     /// where nothing can wait for Redis.
     pub fn settle_later(&self, admission: Admission, cost: Nanos) {
+        let Some(admission) = self.settle_locally(admission, cost) else {
+            return;
+        };
         let budgets = self.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { budgets.settle(admission, cost).await });
@@ -334,10 +356,7 @@ impl Budgets {
 
     /// The user's figures when an earlier scope refused the request.
     async fn user_headers(&self, identity: &Identity, limit: Nanos, day: &Day, now: i64) -> BudgetHeaders {
-        let scope = Scope::User {
-            product: identity.product.to_string(),
-            user: identity.user.to_string(),
-        };
+        let scope = user_scope(identity);
         let spend = match &self.inner.redis {
             None => Some(self.inner.memory.spend(&scope, day, now)),
             Some(redis) => redis.spend(&scope, day, now).await,

@@ -14,6 +14,7 @@
 //! long is no retry), and a day's entries once no reservation of it can still be settled
 //! (`reservation_ttl` + 1 hour after the day ends, as the Redis keys).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,7 +48,7 @@ enum Record {
 struct ScopeState {
     spend: u64,
     open: u64,
-    records: HashMap<String, Record>,
+    records: HashMap<ReservationId, Record>,
     /// The earliest `expires_at`/`forget_at` among the records: no sweep before it.
     next_due: Option<i64>,
 }
@@ -120,54 +121,51 @@ impl MemoryBudgets {
     ) -> Result<Decision, StoreFull> {
         let mut state = lock(&self.state);
         self.prune_days(&mut state, now);
-        let state = &mut *state;
-        let day_state = state.days.entry(day.start).or_insert_with(|| DayState {
+        let State { days, scopes, records } = &mut *state;
+        let day_state = days.entry(day.start).or_insert_with(|| DayState {
             end: day.end,
             scopes: HashMap::new(),
         });
-        if !day_state.scopes.contains_key(scope) {
-            if state.scopes >= self.max_scopes {
-                return Err(StoreFull);
+        let scope_state = match day_state.scopes.entry(scope.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                if *scopes >= self.max_scopes {
+                    return Err(StoreFull);
+                }
+                *scopes += 1;
+                entry.insert(ScopeState::default())
             }
-            state.scopes += 1;
-            day_state.scopes.insert(scope.clone(), ScopeState::default());
-        }
-        let Some(scope_state) = day_state.scopes.get_mut(scope) else {
-            return Err(StoreFull);
         };
-        state.records -= sweep(scope_state, now);
+        *records -= sweep(scope_state, now);
         let committed = scope_state.spend.saturating_add(scope_state.open);
-        match scope_state.records.get(id.as_str()) {
-            Some(Record::Open { amount: own, .. } | Record::Charged { amount: own }) => {
-                // A repeat: the answer it had, without this request's own amount.
-                let before = committed.saturating_sub(*own);
+        let record = match scope_state.records.entry(id.clone()) {
+            Entry::Occupied(entry) => {
+                let before = match entry.get() {
+                    // A repeat: the answer it had, without this request's own amount.
+                    Record::Open { amount: own, .. } | Record::Charged { amount: own } => {
+                        committed.saturating_sub(*own)
+                    }
+                    Record::Settled { .. } => committed,
+                };
                 return Ok(Decision::Admitted {
                     remaining_before: budget.saturating_sub(Nanos(before)),
                 });
             }
-            Some(Record::Settled { .. }) => {
-                return Ok(Decision::Admitted {
-                    remaining_before: budget.saturating_sub(Nanos(committed)),
-                });
-            }
-            None => {}
-        }
+            Entry::Vacant(entry) => entry,
+        };
         let remaining = budget.saturating_sub(Nanos(committed));
         if u128::from(committed) + u128::from(amount.0) > u128::from(budget.0) {
             return Ok(Decision::Refused { remaining });
         }
-        if state.records >= self.max_records {
+        if *records >= self.max_records {
             return Err(StoreFull);
         }
         let expires_at = now.saturating_add(self.ttl);
-        scope_state.records.insert(
-            id.as_str().to_owned(),
-            Record::Open {
-                amount: amount.0,
-                expires_at,
-            },
-        );
-        state.records += 1;
+        record.insert(Record::Open {
+            amount: amount.0,
+            expires_at,
+        });
+        *records += 1;
         scope_state.open += amount.0;
         scope_state.next_due = Some(scope_state.next_due.map_or(expires_at, |d| d.min(expires_at)));
         Ok(Decision::Admitted {
@@ -185,27 +183,28 @@ impl MemoryBudgets {
         };
         state.records -= sweep(scope_state, now);
         let forget_at = now.saturating_add(self.ttl);
-        let outcome = match scope_state.records.get(id.as_str()) {
-            Some(Record::Open { amount, .. }) => {
+        let Some(record) = scope_state.records.get_mut(id) else {
+            return Settlement::Unknown;
+        };
+        let outcome = match *record {
+            Record::Open { amount, .. } => {
                 scope_state.open -= amount;
                 Settlement::Settled
             }
-            Some(Record::Charged { amount }) => {
+            Record::Charged { amount } => {
                 scope_state.spend -= amount;
                 Settlement::ReplacedCharge
             }
-            Some(Record::Settled { .. }) | None => return Settlement::Unknown,
+            Record::Settled { .. } => return Settlement::Unknown,
         };
         scope_state.spend = scope_state.spend.saturating_add(actual.0).min(Nanos::MAX.0);
-        if !self.keep_markers {
-            scope_state.records.remove(id.as_str());
-            state.records -= 1;
-            return outcome;
-        }
-        if let Some(record) = scope_state.records.get_mut(id.as_str()) {
+        if self.keep_markers {
             *record = Record::Settled { forget_at };
+            scope_state.next_due = Some(scope_state.next_due.map_or(forget_at, |d| d.min(forget_at)));
+        } else {
+            scope_state.records.remove(id);
+            state.records -= 1;
         }
-        scope_state.next_due = Some(scope_state.next_due.map_or(forget_at, |d| d.min(forget_at)));
         outcome
     }
 
@@ -295,8 +294,8 @@ mod tests {
 
     fn user() -> Scope {
         Scope::User {
-            product: "p".to_owned(),
-            user: "u".to_owned(),
+            product: "p".into(),
+            user: "u".into(),
         }
     }
 
@@ -442,7 +441,7 @@ mod tests {
         store
             .reserve(&user(), Nanos(10), &ids.next(), Nanos(10), &day, NOW)
             .unwrap();
-        let product = Scope::Product("p".to_owned());
+        let product = Scope::Product("p".into());
         assert!(
             store
                 .reserve(&product, Nanos(10), &ids.next(), Nanos(10), &day, NOW)
@@ -468,7 +467,7 @@ mod tests {
         let store = MemoryBudgets::with_caps(TTL, 2, 3);
         let ids = ReservationIds::with_instance("t");
         let day = today();
-        let scope = |n: usize| Scope::Client(format!("c{n}"));
+        let scope = |n: usize| Scope::Client(format!("c{n}").into());
         store
             .reserve(&scope(0), Nanos(100), &ids.next(), Nanos(1), &day, NOW)
             .unwrap();

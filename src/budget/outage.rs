@@ -282,7 +282,7 @@ mod tests {
     const NOW: i64 = 1_796_601_600;
 
     fn scope() -> Scope {
-        Scope::Product("p".to_owned())
+        Scope::Product("p".into())
     }
 
     fn day() -> Day {
@@ -336,7 +336,7 @@ mod tests {
                 .reserve(&scope(), Nanos(10_000), &ids.next(), Nanos(1), &day(), late)
                 .is_admitted()
         );
-        let other = Scope::Client("c".to_owned());
+        let other = Scope::Client("c".into());
         assert!(
             outage
                 .reserve(&other, Nanos(100), &ids.next(), Nanos(10), &day(), NOW)

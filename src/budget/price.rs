@@ -68,13 +68,13 @@ impl Nanos {
     /// Decimal USD with at most 6 decimals, rounded down (toward zero): the form of
     /// `x-budget-remaining-usd`, which must never promise more than is left.
     pub fn usd_6_down(self) -> String {
-        usd(self.0 / NANOS_PER_MICRO, 6)
+        Usd::new(self.0 / NANOS_PER_MICRO, 6).to_string()
     }
 
     /// Decimal USD with at most 6 decimals, rounded up: for `x-budget-limit-usd` this is
     /// exact, since a budget has at most 6 decimals.
     pub fn usd_6_up(self) -> String {
-        usd(self.0.div_ceil(NANOS_PER_MICRO), 6)
+        Usd::new(self.0.div_ceil(NANOS_PER_MICRO), 6).to_string()
     }
 }
 
@@ -82,19 +82,38 @@ impl Nanos {
 /// the log line's `cost_usd` and `reservation_usd`.
 impl fmt::Display for Nanos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&usd(self.0, 9))
+        Usd::new(self.0, 9).fmt(f)
     }
 }
 
-/// `units` of 10^-`decimals` USD as decimal text without trailing zeros.
-fn usd(units: u64, decimals: u32) -> String {
-    let scale = 10u64.pow(decimals);
-    let (whole, frac) = (units / scale, units % scale);
-    if frac == 0 {
-        return whole.to_string();
+/// `units` of 10^-`decimals` USD as decimal text without trailing zeros, written
+/// straight into the log line or header (no intermediate strings).
+struct Usd {
+    whole: u64,
+    /// The fraction without its trailing zeros, and how many digits it then has.
+    frac: u64,
+    digits: usize,
+}
+
+impl Usd {
+    fn new(units: u64, decimals: u32) -> Self {
+        let scale = 10u64.pow(decimals);
+        let (whole, mut frac, mut digits) = (units / scale, units % scale, decimals as usize);
+        while frac != 0 && frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        Self { whole, frac, digits }
     }
-    let digits = format!("{frac:0width$}", width = decimals as usize);
-    format!("{whole}.{}", digits.trim_end_matches('0'))
+}
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.frac == 0 {
+            return write!(f, "{}", self.whole);
+        }
+        write!(f, "{}.{:0width$}", self.whole, self.frac, width = self.digits)
+    }
 }
 
 /// A price in micro-USD per 1M tokens (1e-12 USD per token).
@@ -392,6 +411,7 @@ mod tests {
         assert_eq!(Nanos(123_456).to_string(), "0.000123456");
         assert_eq!(Nanos(1_500_000_000).to_string(), "1.5");
         assert_eq!(Nanos(0).to_string(), "0");
+        assert_eq!(Nanos(1_000_000_010).to_string(), "1.00000001");
         assert_eq!(Nanos(1_234_567_891).usd_6_down(), "1.234567");
         assert_eq!(Nanos(1_234_567_891).usd_6_up(), "1.234568");
         assert_eq!(Nanos(1_234_567_000).usd_6_up(), "1.234567");

@@ -31,6 +31,16 @@ macro_rules! script {
     };
 }
 
+/// A reservation id goes to the scripts as its text, written straight into the command.
+impl redis::ToRedisArgs for &ReservationId {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.write_arg_fmt(self);
+    }
+}
+
 /// See the module documentation.
 pub struct RedisBudgets {
     store: Arc<Store>,
@@ -74,7 +84,7 @@ impl RedisBudgets {
                 self.reserve
                     .key(hash)
                     .key(due)
-                    .arg(id.as_str())
+                    .arg(id)
                     .arg(amount.0)
                     .arg(budget.0)
                     .arg(now)
@@ -113,7 +123,7 @@ impl RedisBudgets {
                 self.settle
                     .key(hash)
                     .key(due)
-                    .arg(id.as_str())
+                    .arg(id)
                     .arg(actual.0)
                     .arg(now)
                     .arg(now.saturating_add(self.ttl))

@@ -343,13 +343,13 @@ mod tests {
         let cases = [
             (
                 Scope::User {
-                    product: "demo".to_owned(),
-                    user: "a:l}i{ce".to_owned(),
+                    product: "demo".into(),
+                    user: "a:l}i{ce".into(),
                 },
                 ("user", "demo", "a:l}i{ce"),
             ),
-            (Scope::Product("demo".to_owned()), ("product", "demo", "")),
-            (Scope::Client("desk".to_owned()), ("client", "", "desk")),
+            (Scope::Product("demo".into()), ("product", "demo", "")),
+            (Scope::Client("desk".into()), ("client", "", "desk")),
         ];
         for (scope, (kind, product, other)) in cases {
             let tag = scope.tag();
