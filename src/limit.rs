@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use self::memory::MemoryLimiter;
 use self::redis::RedisLimiter;
 use crate::auth::Identity;
+use crate::budget::redis::{Folded, FoldedAnswer};
 use crate::clock::Clock;
 use crate::day::{DayCache, DayZone};
 use crate::metrics;
@@ -73,10 +74,13 @@ pub fn openai_duration(d: Duration) -> String {
     }
 }
 
-/// An admitted request: the headers of the (product, user) bucket.
+/// An admitted request: the headers of the (product, user) bucket, and the answer of the
+/// user budget's reservation when the limiter's Redis call made it
+/// ([`crate::budget::redis::Folded`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Grant {
     pub headers: RateLimitHeaders,
+    pub folded: Option<FoldedAnswer>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -149,7 +153,7 @@ impl Decision {
             retry_after,
         } = self;
         match outcome {
-            Outcome::Admitted => Ok(Grant { headers }),
+            Outcome::Admitted => Ok(Grant { headers, folded: None }),
             Outcome::RateLimited => Err(LimitError::RateLimited { retry_after, headers }),
             Outcome::QuotaExceeded => Err(LimitError::DailyQuotaExceeded { retry_after, headers }),
         }
@@ -206,11 +210,19 @@ impl Limiter {
     /// there consults nothing further, and its admission stands even when the user's
     /// limits then refuse (contract: "Rate limiting").
     pub async fn admit(&self, identity: &Identity) -> Result<Grant, LimitError> {
+        self.admit_folding(identity, None).await
+    }
+
+    /// As [`Limiter::admit`]; when the (product, user) decision is made in Redis and
+    /// admits, the same call makes `folded`'s budget reservation, and the grant carries
+    /// its answer (none when the decision was made in memory).
+    pub async fn admit_folding(&self, identity: &Identity, folded: Option<&Folded>) -> Result<Grant, LimitError> {
         if let Some(client) = &identity.client
             && let Some(limits) = self.settings.clients.get(&**client)
         {
-            self.decide(&Key::Client(Arc::clone(client)), limits)
+            self.decide(&Key::Client(Arc::clone(client)), limits, None)
                 .await
+                .0
                 .into_result()?;
         }
         let limits = self.settings.for_product(&identity.product);
@@ -218,17 +230,20 @@ impl Limiter {
             product: Arc::clone(&identity.product),
             user: Arc::clone(&identity.user),
         };
-        self.decide(&key, &limits).await.into_result()
+        let (decision, answer) = self.decide(&key, &limits, folded).await;
+        let mut grant = decision.into_result()?;
+        grant.folded = answer;
+        Ok(grant)
     }
 
-    async fn decide(&self, key: &Key, limits: &Limits) -> Decision {
+    async fn decide(&self, key: &Key, limits: &Limits, folded: Option<&Folded>) -> (Decision, Option<FoldedAnswer>) {
         if let Some(redis) = &self.redis {
             let now = unix_seconds(self.clock.unix_micros());
             let days = self.days.days_at(now).pair_near(now);
             // Boxed: a Redis call's future is large, and without Redis it is never made.
-            if let Some(decision) = Box::pin(redis.decide(key, limits, days)).await {
-                metrics::limiter_decision(decision.outcome.label(), "redis");
-                return decision;
+            if let Some(decided) = Box::pin(redis.decide(key, limits, days, folded)).await {
+                metrics::limiter_decision(decided.0.outcome.label(), "redis");
+                return decided;
             }
         }
         // Read after any Redis attempt: a fallback decides at the time it is made.
@@ -236,7 +251,7 @@ impl Limiter {
         let today = self.days.days_at(unix_seconds(now_us)).today;
         let decision = self.memory.decide(key, limits, now_us, &today);
         metrics::limiter_decision(decision.outcome.label(), "memory");
-        decision
+        (decision, None)
     }
 }
 

@@ -359,6 +359,51 @@ async fn spend_made_during_an_outage_is_added_once_even_when_the_replay_repeats(
 }
 
 #[tokio::test]
+async fn a_refused_requests_late_reservation_is_released_in_whichever_order_it_arrives() {
+    use api_key_server::budget::outage::{Outage, Share};
+
+    install_crypto_provider();
+    let t = now();
+    let day = DayZone::utc().day_at(t);
+    let redis = RedisServer::start();
+    let budgets = budgets(&redis.url(), false);
+    let ids = ReservationIds::with_instance("v");
+    let scope = user("erin");
+    // Two requests whose reservation calls did not answer in time and were then refused
+    // by the outage rule: one call reaches Redis before the release, one after.
+    let (early, late) = (ids.next(), ids.next());
+    let mut outage = Outage::new(Share::parse("0.1").unwrap(), 3600);
+    outage.void(&scope, &early, Nanos(70), &day);
+    outage.void(&scope, &late, Nanos(80), &day);
+    assert!(outage.awaits_replay());
+    assert_eq!(outage.unreplayed(), Nanos::ZERO);
+
+    assert!(
+        budgets
+            .reserve(&scope, Nanos(1000), &early, Nanos(70), &day, t)
+            .await
+            .unwrap()
+            .is_admitted()
+    );
+    let replays = outage.take_replays(t + 1);
+    assert_eq!(replays.len(), 2);
+    assert!(!outage.awaits_replay());
+    for replay in &replays {
+        assert_eq!(replay.cost, Nanos::ZERO);
+        budgets.replay(replay, t + 1).await.unwrap();
+    }
+    // The late call runs after its release: it reserves nothing.
+    assert!(
+        budgets
+            .reserve(&scope, Nanos(1000), &late, Nanos(80), &day, t + 2)
+            .await
+            .unwrap()
+            .is_admitted()
+    );
+    assert_eq!(budgets.spend(&scope, &day, t + 2).await, Some(Spend::default()));
+}
+
+#[tokio::test]
 async fn an_unreachable_redis_answers_none_so_the_caller_applies_the_outage_rule() {
     install_crypto_provider();
     let t = now();

@@ -429,6 +429,61 @@ async fn two_instances_share_one_budget_in_redis_exactly() {
 }
 
 /// The (demo, `user`) budget hash in Redis.
+/// Calls of `command` (`evalsha`, `eval`) Redis served since its statistics were reset.
+fn redis_calls(redis: &RedisServer, command: &str) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_budget_in_redis_is_reserved_in_the_limiters_round_trip() {
+    let upstream = Upstream::start().await;
+    let redis = RedisServer::start();
+    let app = app(
+        &upstream,
+        &[
+            ("DAILY_BUDGET_USD", "1"),
+            ("REDIS_URL", &redis.url()),
+            ("REDIS_TIMEOUT_MS", "5000"),
+            ("RATE_LIMIT_CAPACITY", "6"),
+            ("RATE_LIMIT_REFILL_PER_SECOND", "0.001"),
+            ("DAY_TIMEZONE", zone_away_from_midnight()),
+        ],
+    )
+    .await;
+    // The scripts are loaded by the first request.
+    let first = chat_as(&app, common::USER, CHAT).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+
+    // Each request: one call decides the limits and reserves the user's budget, one
+    // settles it.
+    for _ in 0..5 {
+        let response = chat_as(&app, common::USER, CHAT).await;
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+    }
+    assert_eq!(redis_calls(&redis, "evalsha"), 10);
+    assert_eq!(redis_calls(&redis, "eval"), 0);
+    let hash = user_hash(&redis, common::USER).expect("the budget lives in Redis");
+    assert_eq!(redis.cli(&["HGET", &hash, "spend"]), (6 * USAGE_COST).to_string());
+    assert_eq!(redis.cli(&["HGET", &hash, "open"]), "0");
+
+    // The bucket is empty: the limits refuse, and the same call reserves nothing.
+    let refused = chat_as(&app, common::USER, CHAT).await;
+    assert_eq!(refused.status(), 429);
+    let refused: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(redis_calls(&redis, "evalsha"), 11);
+    assert_eq!(redis.cli(&["HGET", &hash, "open"]), "0");
+    assert_eq!(redis.cli(&["HGET", &hash, "spend"]), (6 * USAGE_COST).to_string());
+}
+
 fn user_hash(redis: &RedisServer, user: &str) -> Option<String> {
     let tag = format!("u:x{}", hex(user));
     redis

@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::memory::MemoryBudgets;
 use super::outage::Outage;
-use super::redis::RedisBudgets;
+use super::redis::{Folded, FoldedAnswer, RedisBudgets};
 use super::{Decision, Nanos, ReservationId, ReservationIds, Scope};
 use crate::auth::Identity;
 use crate::clock::Clock;
@@ -88,6 +88,28 @@ pub struct Admission {
     scopes: Vec<(Scope, Place)>,
     pub headers: Option<BudgetHeaders>,
     pub store: BudgetStore,
+}
+
+/// A request's budget admission, prepared before its limits: its id, its day and its
+/// budgeted scopes, and, when the caller's (product, user) scope is the only budgeted one
+/// and Redis is configured, that scope's reservation for the limiter to make in its own
+/// Redis call (one round trip for the limits and the budget).
+pub struct Prepared {
+    id: ReservationId,
+    day: Day,
+    now: i64,
+    amount: Nanos,
+    count: usize,
+    /// Client, product, user: the contract's order.
+    scopes: [Option<(Scope, Nanos)>; 3],
+    folded: Option<Folded>,
+}
+
+impl Prepared {
+    /// The reservation the limiter's Redis call makes, if any.
+    pub fn folded(&self) -> Option<&Folded> {
+        self.folded.as_ref()
+    }
 }
 
 /// A request refused by a budget (429 `budget_exceeded`).
@@ -179,10 +201,9 @@ impl Budgets {
         i64::try_from(self.inner.clock.wall().as_secs()).unwrap_or(i64::MAX)
     }
 
-    /// Reserves `amount` in every budgeted scope of `identity`, client first, then the
-    /// product, then the user. `Ok(None)`: no budget applies. A refusal releases what
-    /// this request reserved already.
-    pub async fn admit(&self, identity: &Identity, amount: Nanos) -> Result<Option<Admission>, Refusal> {
+    /// The request's budget admission, prepared before its limits (see [`Prepared`]);
+    /// `None` when no budget applies to `identity`.
+    pub fn prepare(&self, identity: &Identity, amount: Nanos) -> Option<Prepared> {
         let settings = &self.inner.settings;
         let client = identity
             .client
@@ -191,16 +212,53 @@ impl Budgets {
         let product = settings
             .product_budget(&identity.product)
             .map(|budget| (Scope::Product(Arc::clone(&identity.product)), budget));
-        let user_budget = settings.user_budget(&identity.product);
-        let user = user_budget.map(|budget| (user_scope(identity), budget));
+        let user = settings
+            .user_budget(&identity.product)
+            .map(|budget| (user_scope(identity), budget));
         let count = usize::from(client.is_some()) + usize::from(product.is_some()) + usize::from(user.is_some());
         if count == 0 {
-            return Ok(None);
+            return None;
         }
-        let scopes = [client, product, user].into_iter().flatten();
         let now = self.now();
         let day = self.inner.days.days_at(now).today;
         let id = self.inner.ids.next();
+        let folded = match (&self.inner.redis, &user) {
+            (Some(redis), Some((scope, budget))) if count == 1 => {
+                Some(redis.fold(scope, *budget, &id.in_scope(scope), amount, &day, now))
+            }
+            _ => None,
+        };
+        Some(Prepared {
+            id,
+            day,
+            now,
+            amount,
+            count,
+            scopes: [client, product, user],
+            folded,
+        })
+    }
+
+    /// Reserves the prepared amount in every budgeted scope, client first, then the
+    /// product, then the user; `folded`: the user scope's answer when the limiter's Redis
+    /// call made its reservation ([`Prepared::folded`]). A refusal releases what this
+    /// request reserved already.
+    pub async fn admit(
+        &self,
+        identity: &Identity,
+        prepared: Prepared,
+        mut folded: Option<FoldedAnswer>,
+    ) -> Result<Admission, Refusal> {
+        let Prepared {
+            id,
+            day,
+            now,
+            amount,
+            count,
+            scopes,
+            ..
+        } = prepared;
+        let user_budget = scopes[2].as_ref().map(|(_, budget)| *budget);
         let mut admission = Admission {
             id,
             day,
@@ -209,9 +267,16 @@ impl Budgets {
             headers: None,
             store: BudgetStore::Redis,
         };
-        for (scope, budget) in scopes {
+        for (scope, budget) in scopes.into_iter().flatten() {
             let scope_id = admission.id.in_scope(&scope);
-            let (decision, place) = self.reserve(&scope, budget, &scope_id, amount, &day, now).await;
+            let answered = match (&self.inner.redis, &scope, folded.take()) {
+                (Some(redis), Scope::User { .. }, Some(answer)) => Some(redis.answer(answer)),
+                _ => None,
+            };
+            let (decision, place) = match answered {
+                Some(decision) => (self.redis_decided(&scope, decision, amount, &day, now), Place::Redis),
+                None => self.reserve(&scope, budget, &scope_id, amount, &day, now).await,
+            };
             if place != Place::Redis {
                 admission.store = BudgetStore::Memory;
             }
@@ -223,6 +288,10 @@ impl Budgets {
                 });
             }
             crate::metrics::budget_decision(decision.is_admitted(), admission.store.as_str());
+            if !decision.is_admitted() && place == Place::Outage {
+                // The Redis call that did not answer may still run and reserve.
+                lock(&self.inner.outage).void(&scope, &scope_id, amount, &day);
+            }
             if !decision.is_admitted() {
                 let headers = match (admission.headers, user_budget) {
                     (Some(headers), _) => Some(headers),
@@ -240,7 +309,7 @@ impl Budgets {
             }
             admission.scopes.push((scope, place));
         }
-        Ok(Some(admission))
+        Ok(admission)
     }
 
     /// Settles `admission` at once when none of its reservations is in Redis (memory and
@@ -341,6 +410,12 @@ impl Budgets {
             let decision = lock(&self.inner.outage).reserve(scope, budget, id, amount, day, now);
             return (decision, Place::Outage);
         };
+        (self.redis_decided(scope, decision, amount, day, now), Place::Redis)
+    }
+
+    /// Redis decided `scope`: what was left there is noted for an outage, and what waits
+    /// for Redis is written now that it answers.
+    fn redis_decided(&self, scope: &Scope, decision: Decision, amount: Nanos, day: &Day, now: i64) -> Decision {
         let left = match decision {
             Decision::Admitted { remaining_before } => remaining_before.saturating_sub(amount),
             Decision::Refused { remaining } => remaining,
@@ -351,7 +426,7 @@ impl Budgets {
             outage.note_read(scope, day, left, now);
         }
         self.redis_answered();
-        (decision, Place::Redis)
+        decision
     }
 
     /// The user's figures when an earlier scope refused the request.
@@ -380,7 +455,7 @@ impl Budgets {
     /// Redis answered: write what waits for it (outage spend, late settlements) on a task
     /// of its own, one at a time.
     fn redis_answered(&self) {
-        let waiting = !lock(&self.inner.late).is_empty() || lock(&self.inner.outage).unreplayed() > Nanos::ZERO;
+        let waiting = !lock(&self.inner.late).is_empty() || lock(&self.inner.outage).awaits_replay();
         if !waiting || self.inner.replaying.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -29,6 +29,7 @@ pub const FRESH_SECONDS: i64 = 60;
 pub const MAX_SNAPSHOTS: usize = 100_000;
 pub const MAX_WINDOWS: usize = 100_000;
 pub const MAX_PENDING: usize = 100_000;
+pub const MAX_VOIDS: usize = 100_000;
 
 const PPM: u64 = 1_000_000;
 
@@ -108,6 +109,10 @@ pub struct Outage {
     snapshots: HashMap<(Scope, String), Snapshot>,
     windows: HashMap<(Scope, String), Window>,
     pending: HashMap<ReservationId, Pending>,
+    /// Reservations of refused requests that Redis may still have made (their call did
+    /// not answer in time, and may run later): replayed at cost 0, which releases them
+    /// in whichever order the calls arrive.
+    voids: Vec<Replay>,
 }
 
 impl Outage {
@@ -121,6 +126,7 @@ impl Outage {
             snapshots: HashMap::new(),
             windows: HashMap::new(),
             pending: HashMap::new(),
+            voids: Vec::new(),
         }
     }
 
@@ -202,6 +208,24 @@ impl Outage {
         }
     }
 
+    /// A request this ledger refused in `scope`, whose Redis call for `id` may still run
+    /// (it did not answer in time): its reservation is released in Redis once it answers
+    /// (a reservation without limit and its settlement at 0; the settlement leaves the
+    /// marker that makes a late call reserve nothing). Beyond [`MAX_VOIDS`] waiting, new
+    /// ones are dropped: such a reservation, if it was made, is charged when it expires.
+    pub fn void(&mut self, scope: &Scope, id: &ReservationId, amount: Nanos, day: &Day) {
+        if self.voids.len() >= MAX_VOIDS || self.pending.contains_key(id) {
+            return;
+        }
+        self.voids.push(Replay {
+            scope: scope.clone(),
+            day: *day,
+            id: id.clone(),
+            reserved: amount,
+            cost: Nanos::ZERO,
+        });
+    }
+
     /// Settles a reservation made by [`Outage::reserve`]; false when `id` is not one (or
     /// was settled already).
     pub fn settle(&mut self, id: &ReservationId, cost: Nanos) -> bool {
@@ -229,6 +253,7 @@ impl Outage {
     /// replays each (reserve without limit, then settle, same id); one that fails is given
     /// back with [`Outage::give_back`].
     pub fn take_replays(&mut self, now: i64) -> Vec<Replay> {
+        let voids = std::mem::take(&mut self.voids);
         let ready: Vec<ReservationId> = self
             .pending
             .iter()
@@ -247,6 +272,7 @@ impl Outage {
                     reserved: p.reserved,
                 })
             })
+            .chain(voids)
             .collect()
     }
 
@@ -262,6 +288,11 @@ impl Outage {
                 cost: Some(replay.cost),
             },
         );
+    }
+
+    /// Whether anything waits to be written to Redis.
+    pub fn awaits_replay(&self) -> bool {
+        !self.pending.is_empty() || !self.voids.is_empty()
     }
 
     /// Spend held here and not yet in Redis (settled costs, open reservations in full):

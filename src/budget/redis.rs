@@ -41,6 +41,59 @@ impl redis::ToRedisArgs for &ReservationId {
     }
 }
 
+/// A (product, user) reservation made inside the limiter's Redis call when that scope is
+/// the request's only budgeted one: the limits and the budget decided in one round trip
+/// (`fold.lua`). The limiter runs `reserve.lua` on these keys and arguments only when its
+/// limits admit the request.
+pub struct Folded {
+    hash: String,
+    due: String,
+    id: ReservationId,
+    amount: Nanos,
+    budget: Nanos,
+    now: i64,
+    expires_at: i64,
+    keep_until: i64,
+}
+
+impl Folded {
+    /// Appends `reserve.lua`'s keys and arguments (`KEYS[4..5]`, `ARGV[6..11]` of
+    /// `fold.lua`).
+    pub fn add_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .key(&self.hash)
+            .key(&self.due)
+            .arg(&self.id)
+            .arg(self.amount.0)
+            .arg(self.budget.0)
+            .arg(self.now)
+            .arg(self.expires_at)
+            .arg(self.keep_until);
+    }
+}
+
+/// `reserve.lua`'s answer: the decision and how many expired reservations it charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldedAnswer {
+    decision: Decision,
+    expired: u64,
+}
+
+impl FoldedAnswer {
+    /// From the script's `{admitted 0/1, remaining (decimal text), expired charged}`.
+    pub fn read(admitted: i64, remaining: &str, expired: u64) -> Option<Self> {
+        let remaining = Nanos(remaining.parse().ok()?);
+        let decision = if admitted == 1 {
+            Decision::Admitted {
+                remaining_before: remaining,
+            }
+        } else {
+            Decision::Refused { remaining }
+        };
+        Some(Self { decision, expired })
+    }
+}
+
 /// See the module documentation.
 pub struct RedisBudgets {
     store: Arc<Store>,
@@ -62,6 +115,28 @@ impl RedisBudgets {
             ttl: i64::try_from(reservation_ttl.as_secs()).unwrap_or(i64::MAX / 4),
             expired: AtomicU64::new(0),
         }
+    }
+
+    /// The reservation of [`Self::reserve`], to be made inside the limiter's call
+    /// ([`Folded`]).
+    pub fn fold(&self, scope: &Scope, budget: Nanos, id: &ReservationId, amount: Nanos, day: &Day, now: i64) -> Folded {
+        let (hash, due) = self.keys(scope, day);
+        Folded {
+            hash,
+            due,
+            id: id.clone(),
+            amount,
+            budget,
+            now,
+            expires_at: now.saturating_add(self.ttl),
+            keep_until: self.keep_until(day),
+        }
+    }
+
+    /// What `reserve.lua` answered, counted as [`Self::reserve`] counts it.
+    pub fn answer(&self, folded: FoldedAnswer) -> Decision {
+        self.note_expired(folded.expired);
+        folded.decision
     }
 
     /// Reserves `amount` for request `id` in `scope` on `day` if spend, open reservations
@@ -94,15 +169,8 @@ impl RedisBudgets {
                     .await
             })
             .await?;
-        self.note_expired(expired);
-        let remaining = Nanos(remaining.parse().ok()?);
-        Some(if admitted == 1 {
-            Decision::Admitted {
-                remaining_before: remaining,
-            }
-        } else {
-            Decision::Refused { remaining }
-        })
+        let answer = FoldedAnswer::read(admitted, &remaining, expired)?;
+        Some(self.answer(answer))
     }
 
     /// Replaces reservation `id` (made in `scope` on `day`) with the `actual` cost.

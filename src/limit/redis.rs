@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Decision, Key, Outcome, RateLimitHeaders};
+use crate::budget::redis::{Folded, FoldedAnswer};
 use crate::day::Day;
 use crate::settings::Limits;
 use crate::store::{Store, id_part};
@@ -31,6 +32,8 @@ use crate::store::{Store, id_part};
 pub(crate) struct RedisLimiter {
     store: Arc<Store>,
     script: redis::Script,
+    /// `bucket.lua` and, when it admits, the user budget's `reserve.lua` (`fold.lua`).
+    folding: redis::Script,
 }
 
 impl RedisLimiter {
@@ -38,40 +41,71 @@ impl RedisLimiter {
         Self {
             store,
             script: redis::Script::new(include_str!("bucket.lua")),
+            folding: redis::Script::new(concat!(
+                include_str!("../budget/common.lua"),
+                "local function limit(KEYS, ARGV)\n",
+                include_str!("bucket.lua"),
+                "end\nlocal function reserve(KEYS, ARGV)\n",
+                include_str!("../budget/reserve.lua"),
+                "end\n",
+                include_str!("../budget/fold.lua"),
+            )),
         }
     }
 
     /// The decision, or `None` when Redis is unavailable (the caller decides in memory).
     /// `early` and `late` are consecutive days around this instance's nearer midnight
     /// ([`crate::day::Days::pair_near`]); Redis's clock picks one (see the module docs).
-    pub async fn decide(&self, key: &Key, limits: &Limits, (early, late): (Day, Day)) -> Option<Decision> {
+    /// With `folded`, an admission also makes that budget reservation, in the same call,
+    /// and its answer comes back beside the decision.
+    pub async fn decide(
+        &self,
+        key: &Key,
+        limits: &Limits,
+        (early, late): (Day, Day),
+        folded: Option<&Folded>,
+    ) -> Option<(Decision, Option<FoldedAnswer>)> {
         let tag = key_tag(key);
-        let bucket = self.store.key(&tag, "bucket");
-        let early_day = self.store.key(&tag, &day_part(&early));
-        let late_day = self.store.key(&tag, &day_part(&late));
-        let (outcome, remaining, reset_ms, retry_ms): (i64, u64, u64, u64) = self
-            .store
-            .run(|mut conn| async move {
-                // EVALSHA, and EVAL once more when the server answers NOSCRIPT.
-                self.script
-                    .key(bucket)
-                    .key(early_day)
-                    .key(late_day)
-                    .arg(limits.capacity.get())
-                    .arg(limits.refill_per_second)
-                    .arg(limits.daily_quota.get())
-                    .arg(late.start)
-                    .arg(late.end)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut invocation = folded.map_or(&self.script, |_| &self.folding).prepare_invoke();
+        invocation
+            .key(self.store.key(&tag, "bucket"))
+            .key(self.store.key(&tag, &day_part(&early)))
+            .key(self.store.key(&tag, &day_part(&late)))
+            .arg(limits.capacity.get())
+            .arg(limits.refill_per_second)
+            .arg(limits.daily_quota.get())
+            .arg(late.start)
+            .arg(late.end);
+        let (outcome, remaining, reset_ms, retry_ms, answer) = match folded {
+            None => {
+                let (outcome, remaining, reset_ms, retry_ms): (i64, u64, u64, u64) = self
+                    .store
+                    // EVALSHA, and EVAL once more when the server answers NOSCRIPT.
+                    .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+                    .await?;
+                (outcome, remaining, reset_ms, retry_ms, None)
+            }
+            Some(folded) => {
+                folded.add_to(&mut invocation);
+                let (outcome, remaining, reset_ms, retry_ms, admitted, left, expired): Answer = self
+                    .store
+                    .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+                    .await?;
+                // -1: the limits refused, nothing was reserved.
+                let answer = if admitted < 0 {
+                    None
+                } else {
+                    Some(FoldedAnswer::read(admitted, &left, expired)?)
+                };
+                (outcome, remaining, reset_ms, retry_ms, answer)
+            }
+        };
         let outcome = match outcome {
             0 => Outcome::Admitted,
             1 => Outcome::RateLimited,
             _ => Outcome::QuotaExceeded,
         };
-        Some(Decision {
+        let decision = Decision {
             outcome,
             headers: RateLimitHeaders {
                 limit: limits.capacity.get(),
@@ -79,9 +113,13 @@ impl RedisLimiter {
                 reset: Duration::from_millis(reset_ms),
             },
             retry_after: Duration::from_millis(retry_ms),
-        })
+        };
+        Some((decision, answer))
     }
 }
+
+/// `fold.lua`'s answer: `bucket.lua`'s four figures, then `reserve.lua`'s three.
+type Answer = (i64, u64, u64, u64, i64, String, u64);
 
 /// `day:2026-12-07`: the key part of one day's counter.
 fn day_part(day: &Day) -> String {

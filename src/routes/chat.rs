@@ -35,10 +35,9 @@ pub async fn completions(app: &App, request: Request<Incoming>, id: &RequestId) 
         };
         let chat = validate::chat(&body, settings.policy_for(product), options)?;
         let worst = Worst::of(&chat.metering, chat.body.len(), 0, "messages");
-        let plan = metering::plan(app, &worst, budgeted)?;
-        let grant = app.limiter.admit(&identity).await?;
-        let metered = match metering::admit(app, &identity, plan, &grant.headers).await {
-            Ok(metered) => metered,
+        let plan = metering::plan(app, &identity, &worst, budgeted)?;
+        let (grant, metered) = match metering::limit_and_admit(app, &identity, plan).await {
+            Ok(admitted) => admitted,
             Err(refused) => return Ok(refused),
         };
         // Authentication only yields products, and every product has an upstream; a miss

@@ -30,10 +30,9 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
         let embeddings = validate::embeddings(&body, settings.policy_for(product), options)?;
         // Input only: the output limit of an embeddings request is 0.
         let worst = Worst::of(&embeddings.metering, embeddings.body.len(), 0, "input");
-        let plan = metering::plan(app, &worst, budgeted)?;
-        let grant = app.limiter.admit(&identity).await?;
-        let metered = match metering::admit(app, &identity, plan, &grant.headers).await {
-            Ok(metered) => metered,
+        let plan = metering::plan(app, &identity, &worst, budgeted)?;
+        let (grant, metered) = match metering::limit_and_admit(app, &identity, plan).await {
+            Ok(admitted) => admitted,
             Err(refused) => return Ok(refused),
         };
         let upstream = app.upstream.of(product).ok_or(ApiError::Internal)?;

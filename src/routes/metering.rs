@@ -11,10 +11,11 @@ use http::HeaderMap;
 use crate::app::App;
 use crate::auth::Identity;
 use crate::budget::Nanos;
-use crate::budget::admission::{Admission, BudgetHeaders};
+use crate::budget::admission::{Admission, BudgetHeaders, Prepared};
 use crate::budget::price::Prices;
+use crate::budget::redis::{Folded, FoldedAnswer};
 use crate::error::ApiError;
-use crate::limit::RateLimitHeaders;
+use crate::limit::Grant;
 use crate::meter::{Meter, MeterLog, MeteredBody, Reader, Reserved};
 use crate::request::Outcome;
 use crate::upstream::{Cause, Forwarded, UpstreamFailure};
@@ -91,30 +92,54 @@ pub struct Plan {
     model: Box<str>,
     prices: Option<Prices>,
     reserved: Reserved,
+    /// `None` when no budget applies.
+    budget: Option<Prepared>,
+}
+
+impl Plan {
+    /// The user budget's reservation for the limiter's Redis call to make, if any.
+    pub fn folded(&self) -> Option<&Folded> {
+        self.budget.as_ref().and_then(Prepared::folded)
+    }
 }
 
 /// The worst case of a validated request, priced (400 `unsupported_parameter` when it
 /// cannot be reserved while a budget applies): a validation step, so it comes before the
 /// limits.
-pub fn plan(app: &App, worst: &Worst<'_>, budgeted: bool) -> Result<Plan, ApiError> {
+pub fn plan(app: &App, identity: &Identity, worst: &Worst<'_>, budgeted: bool) -> Result<Plan, ApiError> {
     let prices = app.budgets.settings().prices_of(worst.model).copied();
     let reserved = reserve_tokens(worst, prices.as_ref(), budgeted)?;
+    let budget = if budgeted {
+        app.budgets.prepare(identity, reserved.cost(prices.as_ref()))
+    } else {
+        None
+    };
     Ok(Plan {
         model: worst.model.into(),
         prices,
         reserved,
+        budget,
     })
 }
 
-/// The budget decision, after the limits: the metered request, or the answer to a
-/// refusal (429 `budget_exceeded` with its log fields and the limits' `headers`).
-pub async fn admit(app: &App, identity: &Identity, plan: Plan, headers: &RateLimitHeaders) -> Result<Metered, Outcome> {
-    Metered::admit(app, identity, plan).await.map_err(|(error, log)| {
-        let mut outcome = Outcome::from(error);
-        outcome.log.meter = Some(log);
-        headers.write(outcome.response.headers_mut());
-        outcome
-    })
+/// The limits, then the budget decision: the limits' grant and the metered request, or
+/// the answer to a refusal (429 `budget_exceeded` with its log fields and the limits'
+/// headers). When the user budget is the only one and Redis is configured, its
+/// reservation rides in the limiter's Redis call.
+pub async fn limit_and_admit(app: &App, identity: &Identity, plan: Plan) -> Result<(Grant, Metered), Outcome> {
+    let grant = match app.limiter.admit_folding(identity, plan.folded()).await {
+        Ok(grant) => grant,
+        Err(refused) => return Err(Outcome::from(ApiError::from(refused))),
+    };
+    match Metered::admit(app, identity, plan, grant.folded).await {
+        Ok(metered) => Ok((grant, metered)),
+        Err((error, log)) => {
+            let mut outcome = Outcome::from(error);
+            outcome.log.meter = Some(log);
+            grant.headers.write(outcome.response.headers_mut());
+            Err(outcome)
+        }
+    }
 }
 
 /// A metered request after its budget decision.
@@ -131,15 +156,25 @@ pub struct Metered {
 impl Metered {
     /// The budget decision: admitted (or no budget), or the 429 `budget_exceeded` answer
     /// with its log fields.
-    async fn admit(app: &App, identity: &Identity, plan: Plan) -> Result<Self, (ApiError, MeterLog)> {
+    async fn admit(
+        app: &App,
+        identity: &Identity,
+        plan: Plan,
+        folded: Option<FoldedAnswer>,
+    ) -> Result<Self, (ApiError, MeterLog)> {
         let Plan {
             model,
             prices,
             reserved,
+            budget,
         } = plan;
         let mut log = MeterLog::new(&model);
         let amount = reserved.cost(prices.as_ref());
-        let admission = match app.budgets.admit(identity, amount).await {
+        let admitted = match budget {
+            Some(prepared) => app.budgets.admit(identity, prepared, folded).await.map(Some),
+            None => Ok(None),
+        };
+        let admission = match admitted {
             Ok(admission) => admission,
             Err(refusal) => {
                 log.reservation = Some(amount);

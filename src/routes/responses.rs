@@ -41,10 +41,9 @@ pub async fn create(app: &App, request: Request<Incoming>, id: &RequestId) -> Ou
             None => 0,
         };
         let worst = Worst::of(&checked.metering, checked.body.len(), previous_tokens, "input");
-        let plan = metering::plan(app, &worst, budgeted)?;
-        let grant = app.limiter.admit(&identity).await?;
-        let mut metered = match metering::admit(app, &identity, plan, &grant.headers).await {
-            Ok(metered) => metered,
+        let plan = metering::plan(app, &identity, &worst, budgeted)?;
+        let (grant, mut metered) = match metering::limit_and_admit(app, &identity, plan).await {
+            Ok(admitted) => admitted,
             Err(refused) => return Ok(refused),
         };
         // The record of the created response gets its settled token count once the body
