@@ -3,6 +3,5 @@
 -- count of expired reservations charged now.
 local h, z = KEYS[1], KEYS[2]
 local charged = sweep(h, z, ARGV[1])
-local spend = redis.call('HGET', h, 'spend') or '0'
-local open = redis.call('HGET', h, 'open') or '0'
-return {spend, open, charged}
+local got = redis.call('HMGET', h, 'spend', 'open')
+return {got[1] or '0', got[2] or '0', charged}

@@ -6,14 +6,16 @@
 local h, z = KEYS[1], KEYS[2]
 local id, amount, budget = ARGV[1], ARGV[2], big(ARGV[3])
 local charged = sweep(h, z, ARGV[4])
-local committed = add(big(redis.call('HGET', h, 'spend')), big(redis.call('HGET', h, 'open')))
+-- One read for all this decision needs (each call from a script has its cost).
+local got = redis.call('HMGET', h, 'spend', 'open', 'r:' .. id, 'c:' .. id, 's:' .. id)
+local committed = add(big(got[1]), big(got[2]))
 
-local own = redis.call('HGET', h, 'r:' .. id) or redis.call('HGET', h, 'c:' .. id)
+local own = got[3] or got[4]
 if own then
   return {1, str(sub0(budget, sub0(committed, big(own)))), charged}
 end
 local remaining = str(sub0(budget, committed))
-if redis.call('HEXISTS', h, 's:' .. id) == 1 then
+if got[5] then
   return {1, remaining, charged}
 end
 if not le(add(committed, big(amount)), budget) then

@@ -7,19 +7,17 @@ local h, z = KEYS[1], KEYS[2]
 local id = ARGV[1]
 local charged = sweep(h, z, ARGV[3])
 local outcome = 0
-local open = redis.call('HGET', h, 'r:' .. id)
+local got = redis.call('HMGET', h, 'r:' .. id, 'c:' .. id)
+local open, expired = got[1], got[2]
 if open then
   redis.call('HDEL', h, 'r:' .. id)
   redis.call('ZREM', z, 'r|' .. id)
   decr(h, 'open', open)
   outcome = 1
-else
-  local expired = redis.call('HGET', h, 'c:' .. id)
-  if expired then
-    redis.call('HDEL', h, 'c:' .. id)
-    decr(h, 'spend', expired)
-    outcome = 2
-  end
+elseif expired then
+  redis.call('HDEL', h, 'c:' .. id)
+  decr(h, 'spend', expired)
+  outcome = 2
 end
 if outcome > 0 then
   redis.call('HINCRBY', h, 'spend', ARGV[2])
