@@ -114,14 +114,18 @@ pub struct ReservationIds {
 }
 
 impl ReservationIds {
-    /// A new instance id from the system's random source.
-    pub fn new() -> Result<Self, aws_lc_rs::error::Unspecified> {
-        let mut bytes = [0u8; 8];
-        aws_lc_rs::rand::fill(&mut bytes)?;
-        Ok(Self::with_instance(&hex::encode(bytes)))
+    /// A new instance id: 64 bits of the operating system's randomness, taken through
+    /// the standard library's randomly keyed hasher. Not aws-lc's generator: its first
+    /// use seeds it from CPU jitter, about 65 ms of work, which would have moved into
+    /// every cold start; an instance id needs to be unique, not secret.
+    pub fn new() -> Self {
+        use std::hash::BuildHasher;
+        let bits = std::collections::hash_map::RandomState::new().hash_one("reservation ids");
+        Self::with_instance(&format!("{bits:016x}"))
     }
 
     /// Ids under a given instance id (tests, and instances that already have one).
+    #[must_use]
     pub fn with_instance(instance: &str) -> Self {
         Self {
             instance: instance.into(),
@@ -136,6 +140,12 @@ impl ReservationIds {
             counter: self.next.fetch_add(1, Ordering::Relaxed),
             kind: None,
         }
+    }
+}
+
+impl Default for ReservationIds {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -197,8 +207,8 @@ mod tests {
 
     #[test]
     fn reservation_ids_are_unique_per_request_and_per_instance() {
-        let a = ReservationIds::new().unwrap();
-        let b = ReservationIds::new().unwrap();
+        let a = ReservationIds::new();
+        let b = ReservationIds::new();
         let first = a.next();
         assert_ne!(first, a.next());
         assert_ne!(first, b.next());

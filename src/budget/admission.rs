@@ -163,10 +163,7 @@ impl Budgets {
     /// `store`: the Redis connection when `REDIS_URL` is set.
     pub fn new(settings: &BudgetSettings, zone: DayZone, clock: Clock, store: Option<Arc<Store>>) -> Self {
         let ttl = settings.reservation_ttl;
-        let ids = ReservationIds::new().unwrap_or_else(|_| {
-            // No system randomness: the clock's microseconds still tell instances apart.
-            ReservationIds::with_instance(&format!("t{:x}", clock.unix_micros()))
-        });
+        let ids = ReservationIds::new();
         Self {
             inner: Arc::new(Inner {
                 settings: settings.clone(),
