@@ -525,14 +525,9 @@ mod tests {
     #[tokio::test]
     async fn a_streams_head_is_copied_out_of_the_read_buffer_intact() {
         let (addr, _) = raw_upstream(|mut socket| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut request = Vec::new();
-            while !request.ends_with(b"{}") {
-                let mut chunk = [0; 1024];
-                match socket.read(&mut chunk).await {
-                    Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                    _ => return,
-                }
+            use tokio::io::AsyncWriteExt;
+            if !read_raw_post(&mut socket).await {
+                return;
             }
             let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a: 1\r\nx-a: 2\r\n\
                 transfer-encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n";
@@ -680,6 +675,21 @@ mod tests {
         (addr, accepted)
     }
 
+    /// Reads one [`raw_post`] request (its body is `{}`) from a raw upstream's socket;
+    /// false when the connection ended first.
+    async fn read_raw_post(socket: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut request = Vec::new();
+        while !request.ends_with(b"{}") {
+            let mut chunk = [0; 1024];
+            match socket.read(&mut chunk).await {
+                Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// A `POST /` to a raw upstream.
     fn raw_post(addr: SocketAddr, body: Bytes) -> Request<Full<Bytes>> {
         Request::post("/")
@@ -693,15 +703,10 @@ mod tests {
         // A raw upstream that answers the first request of a connection with keep-alive,
         // then reads the second and closes without answering.
         let (addr, accepted) = raw_upstream(|mut socket| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            use tokio::io::AsyncWriteExt;
             for answer in [true, false] {
-                let mut request = Vec::new();
-                while !request.ends_with(b"{}") {
-                    let mut chunk = [0; 1024];
-                    match socket.read(&mut chunk).await {
-                        Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                if !read_raw_post(&mut socket).await {
+                    return;
                 }
                 if answer {
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -889,14 +894,9 @@ mod tests {
     async fn a_closed_connection_gives_its_room_back() {
         // Every answer closes its connection.
         let (addr, accepted) = raw_upstream(|mut socket| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut request = Vec::new();
-            while !request.ends_with(b"{}") {
-                let mut chunk = [0; 1024];
-                match socket.read(&mut chunk).await {
-                    Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                    _ => return,
-                }
+            use tokio::io::AsyncWriteExt;
+            if !read_raw_post(&mut socket).await {
+                return;
             }
             let reply = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok";
             let _ = socket.write_all(reply).await;
@@ -947,14 +947,9 @@ mod tests {
         let (addr, accepted) = raw_upstream(move |mut socket| {
             let mut finished = finished.clone();
             async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut request = Vec::new();
-                while !request.ends_with(b"{}") {
-                    let mut chunk = [0; 1024];
-                    match socket.read(&mut chunk).await {
-                        Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
-                        _ => return,
-                    }
+                use tokio::io::AsyncWriteExt;
+                if !read_raw_post(&mut socket).await {
+                    return;
                 }
                 let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
                 if socket.write_all(head).await.is_err() {
