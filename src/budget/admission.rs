@@ -99,7 +99,6 @@ pub struct Prepared {
     day: Day,
     now: i64,
     amount: Nanos,
-    count: usize,
     /// Client, product, user: the contract's order.
     scopes: [Option<(Scope, Nanos)>; 3],
     folded: Option<Folded>,
@@ -230,7 +229,6 @@ impl Budgets {
             day,
             now,
             amount,
-            count,
             scopes: [client, product, user],
             folded,
         })
@@ -251,7 +249,6 @@ impl Budgets {
             day,
             now,
             amount,
-            count,
             scopes,
             ..
         } = prepared;
@@ -260,7 +257,7 @@ impl Budgets {
             id,
             day,
             amount,
-            scopes: Vec::with_capacity(count),
+            scopes: Vec::with_capacity(scopes.iter().flatten().count()),
             headers: None,
             store: BudgetStore::Redis,
         };

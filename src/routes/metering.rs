@@ -92,6 +92,8 @@ pub struct Plan {
     model: Box<str>,
     prices: Option<Prices>,
     reserved: Reserved,
+    /// The reservation's price.
+    amount: Nanos,
     /// `None` when no budget applies.
     budget: Option<Prepared>,
 }
@@ -109,8 +111,9 @@ impl Plan {
 pub fn plan(app: &App, identity: &Identity, worst: &Worst<'_>, budgeted: bool) -> Result<Plan, ApiError> {
     let prices = app.budgets.settings().prices_of(worst.model).copied();
     let reserved = reserve_tokens(worst, prices.as_ref(), budgeted)?;
+    let amount = reserved.cost(prices.as_ref());
     let budget = if budgeted {
-        app.budgets.prepare(identity, reserved.cost(prices.as_ref()))
+        app.budgets.prepare(identity, amount)
     } else {
         None
     };
@@ -118,6 +121,7 @@ pub fn plan(app: &App, identity: &Identity, worst: &Worst<'_>, budgeted: bool) -
         model: worst.model.into(),
         prices,
         reserved,
+        amount,
         budget,
     })
 }
@@ -166,10 +170,10 @@ impl Metered {
             model,
             prices,
             reserved,
+            amount,
             budget,
         } = plan;
         let mut log = MeterLog::new(&model);
-        let amount = reserved.cost(prices.as_ref());
         let admitted = match budget {
             Some(prepared) => app.budgets.admit(identity, prepared, folded).await.map(Some),
             None => Ok(None),
