@@ -66,8 +66,10 @@ python=$venv/bin/python
 node_dir=${EXAMPLES_NODE:-target/examples-node}
 mkdir -p "$node_dir"
 node_dir=$(cd "$node_dir" && pwd)
-if ! NODE_PATH=$node_dir/node_modules node -e 'process.exit(require("openai/package.json").version.startsWith("6.") ? 0 : 1)' \
-  >/dev/null 2>&1; then
+# The installed version is read from the package's file: openai 6 does not export
+# `openai/package.json`, so `require` cannot reach it (the install would run every time).
+if ! node -e 'const v = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).version; process.exit(v.startsWith("6.") ? 0 : 1)' \
+  "$node_dir/node_modules/openai/package.json" >/dev/null 2>&1; then
   npm install --prefix "$node_dir" --no-save --no-audit --no-fund --loglevel=error 'openai@6' \
     >"$node_dir.npm.log" 2>&1 || { cat "$node_dir.npm.log" >&2; fail "npm install openai@6 failed"; }
 fi
